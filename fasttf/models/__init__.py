@@ -1,0 +1,1 @@
+"""fasttf's models. PLACEHOLDER until issue 6 lands: fasttf.models.Transformer."""
