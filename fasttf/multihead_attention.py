@@ -1,15 +1,432 @@
-"""PLACEHOLDER until issue 5 lands: fasttf.MultiheadAttention."""
+"""fasttf.MultiheadAttention: torch.nn.MultiheadAttention on fasttf's fused attention kernel.
+
+A true drop-in. The class subclasses `torch.nn.MultiheadAttention` and keeps its constructor,
+attributes, parameter initialisation and `state_dict` keys, so checkpoints load both ways; only
+`forward` is new, and it is built on `multi_head_attention_forward` below, which has the exact
+signature and semantics (checks, error types and messages, warnings) of
+`torch.nn.functional.multi_head_attention_forward`.
+
+Where the attention itself runs:
+
+- `need_weights=False`: fasttf's fused kernel (`fasttf.scaled_dot_product_attention`), in training
+  and inference, forward and backward, whatever the options (masks, `add_bias_kv`,
+  `add_zero_attn`, `kdim/vdim`, `static_k/v`, dropout). Masks reach the kernel as small as torch's
+  semantics allow: an `(L, S)` mask stays `(L, S)`, a key padding mask is viewed as `(N, 1, 1, S)`,
+  an `(N * num_heads, L, S)` mask is viewed (not copied) as `(N, num_heads, L, S)`; when both a
+  mask and a key padding mask are given they are merged as torch merges them (bool: either
+  masks; float: added), into `(N, 1, L, S)`, or `(N, num_heads, L, S)` only if the attn mask
+  already is that big.
+- `need_weights=True`: the weights have to exist in memory, so this takes the plain PyTorch path
+  (scores, softmax, dropout, matmul, as torch does). That is by design, not a fallback. It costs
+  what torch's own `need_weights=True` costs: it materialises the `(N, num_heads, L, S)` scores
+  and probabilities (and their gradients in backward), O(N * num_heads * L * S) memory, where the
+  kernel keeps O(N * num_heads * L) (the log-sum-exp). Ask for weights only when you use them.
+- A float mask that requires grad (e.g. a learned relative-position bias) takes the plain path
+  through `fall_back()` (so FASTTF_STRICT=1 makes it an error): the kernel gives no gradient
+  for the mask.
+
+Fully masked rows (a query whose every key is masked): torch's `need_weights=True` path returns
+NaN there (softmax over nothing); fasttf returns what torch's SDPA path (`need_weights=False`)
+returns: attention output 0 before the output projection (so `out_proj.bias` after it), weights
+0, gradients 0 -- on both paths, never NaN.
+
+Mask conventions (torch's): in this module a bool True means *masked* (the opposite of
+`scaled_dot_product_attention`, where True means attend); a float mask is added to the scores.
+`is_causal` is, as in torch, a hint that `attn_mask` is the causal mask: it needs `attn_mask`,
+and the kernel's own causal masking replaces the mask only when there is no key padding mask
+and no weights are asked for.
+"""
+
+import math
+import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fasttf._fallback import fall_back
+from fasttf.ops import attention as _attention_op  # looked up at call time: tests can spy on it
+
+_OP = "multi_head_attention_forward"
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
-    pass
+# ----------------------------------------------------------------------------------------------
+# Masks. Inside this file a mask stays in torch MHA's convention (bool True = masked, float =
+# added) until it is handed to the kernel, which wants SDPA's (bool True = attend).
 
 
-def multi_head_attention_forward(*args, **kwargs):
-    raise NotImplementedError("fasttf.multi_head_attention_forward: issue 5 in progress")
+def _check_mask_dtype(mask: Tensor | None, mask_name: str) -> None:
+    """torch's `_canonical_mask` check: only bool and floating masks."""
+    if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {mask_name} are supported")
 
 
-def replace_multihead_attention(model):
-    raise NotImplementedError("fasttf.replace_multihead_attention: issue 5 in progress")
+def _warn_if_mismatched(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> None:
+    """torch's deprecation warning for a key padding mask and an attn mask of different dtypes."""
+    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
+                      "Use same type for both instead.", stacklevel=3)
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = masked) as torch turns it into a float one: 0 or -inf, in `dtype`."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _append_unmasked_key(mask: Tensor | None) -> Tensor | None:
+    """One more key column that nothing masks (for bias_k/bias_v and add_zero_attn)."""
+    if mask is None:
+        return None
+    return torch.cat([mask, mask.new_zeros(mask.shape[:-1] + (1,))], dim=-1)
+
+
+def _merge_for_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """attn_mask (L, S) or (N, H, L, S) and key_padding_mask (N, 1, 1, S), MHA convention, into one
+    mask in SDPA's convention, broadcastable to (N, H, L, S) and no bigger than it must be.
+
+    Both bool: masked where either masks, returned as True = attend. Otherwise both become
+    additive (bool -> 0 / -inf in the query's dtype, as torch does) and are added."""
+    masks = [mask for mask in (attn_mask, key_padding_mask) if mask is not None]
+    if not masks:
+        return None
+    if all(mask.dtype == torch.bool for mask in masks):
+        masked = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        return ~masked
+    additive = [_as_additive(mask, dtype) for mask in masks]
+    return additive[0] if len(additive) == 1 else additive[0] + additive[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention itself, on (N, H, L, E) heads: the kernel, or the plain path that makes weights.
+
+
+def _attention_with_weights(q, k, v, mask, dropout_p, is_causal):
+    """softmax(q k^T / sqrt(E) + mask) -> dropout -> @ v, materialising the (N, H, L, S) weights.
+
+    `mask` is in SDPA's convention. A row with every key masked gets weights 0 (torch: NaN)."""
+    scores = (q * math.sqrt(1.0 / q.size(-1))) @ k.transpose(-2, -1)  # q scaled first, as torch
+    if is_causal and mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    empty_row = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    weights = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights
+
+
+def _mask_needs_grad(*masks: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(mask is not None and mask.requires_grad for mask in masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The functional form
+
+
+def multi_head_attention_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    bias_k: Tensor | None,
+    bias_v: Tensor | None,
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    training: bool = True,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None,
+    v_proj_weight: Tensor | None = None,
+    static_k: Tensor | None = None,
+    static_v: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """`torch.nn.functional.multi_head_attention_forward`, on fasttf's fused kernel.
+
+    Same signature, shapes, checks, error types and messages as torch's (query `(L, N, E)` or
+    unbatched `(L, E)`, sequence first). With `need_weights=False` the attention runs in
+    `fasttf.scaled_dot_product_attention`; with `need_weights=True` it runs the plain path that
+    materialises the `(N, num_heads, L, S)` weights (see the module docstring for what that
+    costs). Fully masked rows give attention output 0 (before the output projection) and
+    weights 0, never NaN.
+    """
+    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
+    if not is_batched:  # run as a batch of one, squeeze at the end
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+
+    _check_mask_dtype(key_padding_mask, "key_padding_mask")
+    _warn_if_mismatched(key_padding_mask, attn_mask)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None  # the hint stands for the mask: the kernel masks causally itself
+    else:
+        _check_mask_dtype(attn_mask, "attn_mask")
+        if key_padding_mask is not None:
+            is_causal = False  # the merged mask is no longer causal
+
+    if embed_dim != embed_dim_to_check:
+        raise AssertionError(f"was expecting embedding dimension of {embed_dim_to_check}, but got {embed_dim}")
+    head_dim = embed_dim // num_heads
+    if head_dim * num_heads != embed_dim:
+        raise AssertionError(f"embed_dim {embed_dim} not divisible by num_heads {num_heads}")
+    if use_separate_proj_weight:
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
+    elif key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+
+    # in-projection: torch's own helpers (same checks, same packed self-attention matmul)
+    if not use_separate_proj_weight:
+        if in_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
+        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+    else:
+        for name, weight in (("q", q_proj_weight), ("k", k_proj_weight), ("v", v_proj_weight)):
+            if weight is None:
+                raise AssertionError(f"use_separate_proj_weight is True but {name}_proj_weight is None")
+        b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+
+    # attn_mask: (L, S) stays 2-D (broadcast by the kernel); (N * H, L, S) becomes (N, H, L, S) below
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{(tgt_len, src_len)}.")
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{(bsz * num_heads, tgt_len, src_len)}.")
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+    # bias_k / bias_v: one more key and value, appended to every sequence
+    if bias_k is not None and bias_v is not None:
+        if static_k is not None:
+            raise AssertionError("bias cannot be added to static key.")
+        if static_v is not None:
+            raise AssertionError("bias cannot be added to static value.")
+        k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
+        attn_mask = _append_unmasked_key(attn_mask)
+        key_padding_mask = _append_unmasked_key(key_padding_mask)
+    elif bias_k is not None:
+        raise AssertionError("bias_k is set but bias_v is None")
+    elif bias_v is not None:
+        raise AssertionError("bias_v is set but bias_k is None")
+
+    # heads, batch first: (S, N, H * E) -> (N * H, S, E), torch's layout; static_k/v come in it
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    if static_k is None:
+        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    else:
+        if static_k.size(0) != bsz * num_heads:
+            raise AssertionError(f"expecting static_k.size(0) of {bsz * num_heads}, but got {static_k.size(0)}")
+        if static_k.size(2) != head_dim:
+            raise AssertionError(f"expecting static_k.size(2) of {head_dim}, but got {static_k.size(2)}")
+        k = static_k
+    if static_v is None:
+        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    else:
+        if static_v.size(0) != bsz * num_heads:
+            raise AssertionError(f"expecting static_v.size(0) of {bsz * num_heads}, but got {static_v.size(0)}")
+        if static_v.size(2) != head_dim:
+            raise AssertionError(f"expecting static_v.size(2) of {head_dim}, but got {static_v.size(2)}")
+        v = static_v
+
+    if add_zero_attn:  # one more key and value, all zeros
+        zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, zeros], dim=1)
+        v = torch.cat([v, zeros.to(v.dtype)], dim=1)
+        attn_mask = _append_unmasked_key(attn_mask)
+        key_padding_mask = _append_unmasked_key(key_padding_mask)
+
+    src_len = k.size(1)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[0] != bsz:
+            raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+        if key_padding_mask.shape[1] != src_len:
+            raise AssertionError(f"Expected key_padded_mask.shape[1] to be {src_len}, but got "
+                                 f"{key_padding_mask.shape[1]}")
+        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len)
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.unflatten(0, (bsz, num_heads))  # splitting a dim: always a view
+
+    if not training:
+        dropout_p = 0.0
+
+    # (N * H, L, E) -> (N, H, L, E): views, no copy
+    q, k, v = (t.unflatten(0, (bsz, num_heads)) for t in (q, k, v))
+    mask = _merge_for_sdpa(attn_mask, key_padding_mask, query.dtype)
+
+    if need_weights:  # by design: weights must exist; not a fallback
+        heads, weights = _attention_with_weights(q, k, v, mask, dropout_p, is_causal)
+    elif _mask_needs_grad(attn_mask, key_padding_mask):
+        fall_back(_OP, "a float mask requires grad and the fused kernel gives no gradient for the mask")
+        heads, weights = _attention_with_weights(q, k, v, mask, dropout_p, is_causal)[0], None
+    else:
+        heads = _attention_op.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                           is_causal=is_causal)
+        weights = None
+
+    # (N, H, L, E) -> (L * N, H * E) -> out projection -> (L, N, embed_dim)
+    merged = heads.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+    output = F.linear(merged, out_proj_weight, out_proj_bias)
+    output = output.view(tgt_len, bsz, output.size(1))
+
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not is_batched:
+        output = output.squeeze(1)
+        if weights is not None:
+            weights = weights.squeeze(0)
+    return output, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+
+
+def _keep_torch_fast_paths_off(module, args):
+    """A no-op forward pre-hook every fasttf.MultiheadAttention carries.
+
+    `nn.TransformerEncoderLayer.forward` in eval mode calls `torch._transformer_encoder_layer_fwd`
+    with the attention's weights, bypassing `self_attn.forward`, unless a forward (pre-)hook is
+    attached to one of its modules: torch keeps its fast path off then, so that hooks run. This
+    hook is that condition: an encoder layer holding a fasttf attention always calls its forward.
+    """
+    return None
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """`torch.nn.MultiheadAttention` whose attention runs on fasttf's fused kernel.
+
+    Same constructor, attributes, parameter initialisation and `state_dict` keys as torch's (it
+    subclasses it), so checkpoints load both ways. `forward` has torch's signature and semantics;
+    it never takes torch's fast path and always runs `fasttf.multi_head_attention_forward`:
+
+    - `need_weights=False`: the fused kernel, training or not, forward and backward.
+    - `need_weights=True` (torch's default): the plain path, which materialises the
+      `(N, num_heads, L, S)` weights -- as costly as torch's. Pass `need_weights=False` for speed.
+    - A query whose every key is masked gets output `out_proj.bias` (attention 0 before the
+      projection) and weights 0, as torch's SDPA path gives; torch's weight path gives NaN there.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.register_forward_pre_hook(_keep_torch_fast_paths_off)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """torch.nn.MultiheadAttention.forward: same arguments, shapes, results and errors."""
+        _check_mask_dtype(key_padding_mask, "key_padding_mask")  # torch checks these first
+        _check_mask_dtype(attn_mask, "attn_mask")
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise AssertionError("fasttf.MultiheadAttention does not support NestedTensor inputs: pass a padded "
+                                 "tensor and a key_padding_mask")
+        batch_first = self.batch_first and query.dim() == 3
+        if batch_first:  # to sequence first, keeping `query is key is value` (self-attention)
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        output, weights = multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if batch_first:
+            output = output.transpose(1, 0)
+        return output, weights
+
+    @classmethod
+    def _like(cls, module: nn.MultiheadAttention, device) -> "MultiheadAttention":
+        """An empty fasttf attention with `module`'s configuration."""
+        return cls(module.embed_dim, module.num_heads, dropout=module.dropout,
+                   bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                   add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                   batch_first=module.batch_first, device=device, dtype=module.out_proj.weight.dtype)
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+        """A fasttf copy of a torch.nn.MultiheadAttention: same configuration, weights (copied),
+        device, dtype, requires_grad flags and training mode."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"fasttf.MultiheadAttention.from_torch: expected a torch.nn.MultiheadAttention, "
+                            f"got {type(module).__name__}")
+        new = cls._like(module, module.out_proj.weight.device)
+        new.load_state_dict(module.state_dict())
+        for (name, mine), theirs in zip(new.named_parameters(), module.parameters()):
+            mine.requires_grad_(theirs.requires_grad)
+        return new.train(module.training)
+
+    @classmethod
+    def _sharing(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+        """A fasttf attention that holds `module`'s own parameters (same objects, not copies)."""
+        new = cls._like(module, "meta")
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                     "bias_k", "bias_v"):
+            setattr(new, name, getattr(module, name))
+        new.out_proj = module.out_proj
+        return new.train(module.training)
+
+
+def replace_multihead_attention(model: nn.Module) -> nn.Module:
+    """Swap every `torch.nn.MultiheadAttention` in `model` for a `fasttf.MultiheadAttention`, in place.
+
+    The new modules hold the very same parameter tensors (an optimizer built before the swap
+    keeps working) and training modes. Only modules of exactly that type are swapped (a subclass
+    may have its own forward). Every `nn.TransformerEncoder` holding one gets `use_nested_tensor = False`
+    (its eval-mode nested-tensor path would hand NestedTensors to the attention) and every
+    encoder layer keeps torch's fused fast path off (see `_keep_torch_fast_paths_off`), so the
+    fasttf kernel really runs, in eval too. Forward hooks of the old modules are not carried
+    over. Returns `model` (or the new module when `model` itself is an attention).
+    """
+    swapped: dict[int, MultiheadAttention] = {}  # a module shared in two places stays shared
+
+    def swap(module):
+        if id(module) not in swapped:
+            swapped[id(module)] = MultiheadAttention._sharing(module)
+        return swapped[id(module)]
+
+    if type(model) is nn.MultiheadAttention:
+        return swap(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                setattr(parent, name, swap(child))
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(
+                isinstance(module, MultiheadAttention) for module in encoder.modules()):
+            encoder.use_nested_tensor = False
+    return model
