@@ -422,7 +422,7 @@ def replace_multihead_attention(model: nn.Module) -> nn.Module:
     if type(model) is nn.MultiheadAttention:
         return swap(model)
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # not named_children(): it skips repeats
             if type(child) is nn.MultiheadAttention:
                 setattr(parent, name, swap(child))
     for encoder in model.modules():
