@@ -322,17 +322,18 @@ def positional_encoding_figure(d_model, path, length=32):
 
     plt = _pyplot()
     figure, (curves, matrix) = plt.subplots(1, 2, figsize=(13, 4.5))
-    smooth = torch.linspace(0, 12, 600)
-    table, at_words = sinusoid_table(smooth, d_model), sinusoid_table(torch.arange(13), d_model)
+    smooth, words = torch.linspace(0, 12, 600), torch.arange(13)
+    table, at_words = sinusoid_table(smooth, d_model).numpy(), sinusoid_table(words, d_model).numpy()
+    smooth, words = smooth.numpy(), words.numpy()
     for dim in range(min(d_model, 6)):
         kind = "sin" if dim % 2 == 0 else "cos"
         line, = curves.plot(smooth, table[:, dim], label=f"value {dim} ({kind}, period "
                             f"{2 * math.pi * 10000 ** (2 * (dim // 2) / d_model):.3g})")
-        curves.plot(torch.arange(13), at_words[:, dim], "o", color=line.get_color(), markersize=4)
+        curves.plot(words, at_words[:, dim], "o", color=line.get_color(), markersize=4)
     curves.set(title=f"positional encoding squiggles (d_model={d_model}); dots: the words' positions",
                xlabel="word position p", ylabel="PE[p, value]")
     curves.legend(fontsize=7, loc="lower left")
-    image = matrix.imshow(sinusoid_table(torch.arange(length), d_model).T, aspect="auto", cmap="RdBu_r",
+    image = matrix.imshow(sinusoid_table(torch.arange(length), d_model).numpy().T, aspect="auto", cmap="RdBu_r",
                           vmin=-1, vmax=1, origin="lower")
     matrix.set(title="the encoding matrix PE[p, d]", xlabel="word position p", ylabel="embedding value d")
     figure.colorbar(image, ax=matrix)
@@ -362,10 +363,10 @@ def attention_figure(model, source_vocab, target_vocab, english, spanish, device
         queries, keys = labels[kind]
         for head in range(heads):
             axis = axes[row][head]
-            probs = maps[kind][layer][0, head].float().cpu()
+            probs = maps[kind][layer][0, head].float().cpu().numpy()
             axis.imshow(probs, cmap="viridis", vmin=0, vmax=1)
-            for i in range(probs.size(0)):
-                for j in range(probs.size(1)):
+            for i in range(probs.shape[0]):
+                for j in range(probs.shape[1]):
                     axis.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center", fontsize=7,
                               color="white" if probs[i, j] < 0.5 else "black")
             axis.set_xticks(range(len(keys)), keys, fontsize=7, rotation=30)

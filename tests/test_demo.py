@@ -1,0 +1,51 @@
+"""The main job, `python -m fasttf.demo`, in a short run of a tiny model (in this process)."""
+
+import re
+
+import pytest
+
+from fasttf import demo
+from test_models import needs_fasttf
+
+TINY = ["--device", "cpu", "--d-model", "8", "--heads", "2", "--ffn", "8", "--steps", "4", "--batch-size", "4"]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("fasttf", marks=needs_fasttf), "torch"])
+def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(backend, tmp_path, capsys):
+    code = demo.main(TINY + ["--backend", backend, "--out", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code in (0, 1)  # 1 when four steps did not teach "let's go" -> "vamos"
+    assert re.search(r"step\s+4/4 loss", output), output
+    assert re.search(r"let's go\s+-> ", output) and "held-out sentences translated exactly" in output
+    other = "torch" if backend == "fasttf" else "fasttf"
+    if "not compared" not in output or backend == "fasttf":
+        difference = float(re.search(r"largest logit difference: (\S+)", output).group(1))
+        assert difference < 1e-4, output  # float32 logits of size ~1, same weights: rounding only
+        assert re.search(rf"training step: {backend} [\d.]+ ms, {other} [\d.]+ ms", output), output
+    for name in ("positional_encoding.png", "attention_lets_go.png", "model.pt", "source_vocab.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "attention_lets_go.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--device", "--backend", "--d-model", "--heads", "--layers", "--steps", "--seed", "--out",
+                   "--ddp", "--pre-ln"):
+        assert option in text, option
+
+
+@pytest.mark.parametrize("argv", [["--d-model", "10", "--heads", "3"], ["--steps", "-1"], ["--dropout", "1.5"]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    assert "must" in capsys.readouterr().err
+
+
+def test_ddp_without_torchrun_says_how_to_start_it(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert demo.main(["--ddp", "--device", "cpu"]) == 2
+    assert "torchrun --nproc_per_node 2 -m fasttf.demo --ddp" in capsys.readouterr().err
