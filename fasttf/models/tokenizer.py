@@ -106,16 +106,20 @@ def read_pairs(path: str = EN_ES_PATH, split: str | None = None) -> list[tuple[s
     return pairs
 
 
-def batches(pairs, source_vocab: Vocab, target_vocab: Vocab, batch_size: int, seed: int = 0):
+def batches(pairs, source_vocab: Vocab, target_vocab: Vocab, batch_size: int, seed: int = 0, always=()):
     """Endless random batches (src, tgt_in, tgt_out) of LongTensors, each (N, longest):
 
         src     = english words + <EOS>
         tgt_in  = <EOS> + spanish words          (the decoder's input: <EOS> starts it)
         tgt_out = spanish words + <EOS>          (what it must predict, one step ahead)
+
+    The pairs in `always` are in every batch (the demo puts the notes' pairs there), the rest of
+    each batch is drawn at random from `pairs`.
     """
     rng = random.Random(seed)
+    always = list(always)[:batch_size]
     while True:
-        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+        chosen = always + [pairs[rng.randrange(len(pairs))] for _ in range(batch_size - len(always))]
         yield encode_pairs(chosen, source_vocab, target_vocab)
 
 
