@@ -1,6 +1,216 @@
-"""PLACEHOLDER until issue 3 lands: the Triton attention op."""
+"""fasttf.scaled_dot_product_attention: the Triton FlashAttention-2 pair (kernels/attention.py) as
+torch.library ops with autograd, behind torch's SDPA signature and input checks.
+
+    torch.ops.fasttf.attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed) -> (out, lse2)
+    torch.ops.fasttf.attention_backward(grad_out, q, k, v, out, lse2, attn_mask, dropout_p, is_causal,
+                                        scale, seed) -> (grad_q, grad_k, grad_v)
+
+Both take 4-D (N, H, L, E) tensors of any strides; the mask is the caller's (broadcastable to
+(N, H, L, S)) and is expanded inside as a stride-0 view. `seed` is an int64 tensor of one element
+drawn from torch's generator (so torch.manual_seed repeats the dropout) or None when dropout_p == 0;
+the ops themselves are deterministic, which keeps torch.compile and opcheck happy.
+
+Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton
+interpreter when TRITON_INTERPRET=1 was set before triton was imported, else torch's SDPA (after
+`fall_back`). float16, bfloat16 and float32 run the kernels; other dtypes run fasttf.reference
+(after `fall_back`).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from fasttf import reference
+from fasttf._checks import check_same_device, check_tensor
+from fasttf._fallback import fall_back
+from fasttf.kernels import attention as _kernels
+
+OP = "scaled_dot_product_attention"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
-    raise NotImplementedError("fasttf.scaled_dot_product_attention: issue 3 in progress")
+# ----------------------------------------------------------------------------------------------
+# The torch.library ops
+
+
+def _expanded_mask(attn_mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor | None:
+    """The mask as a (N, H, L, S) view: broadcast dims get stride 0, nothing is copied."""
+    if attn_mask is None:
+        return None
+    return attn_mask.expand(query.size(0), query.size(1), query.size(2), key.size(2))
+
+
+def _require_kernel_device(tensor: Tensor) -> None:
+    if tensor.device.type != "cuda" and not _kernels.INTERPRET:
+        raise RuntimeError(f"torch.ops.fasttf.attention_*: the Triton kernels need CUDA tensors, or "
+                           f"TRITON_INTERPRET=1 set before triton is imported; got {tensor.device}")
+
+
+@torch.library.custom_op("fasttf::attention_forward", mutates_args=())
+def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                      is_causal: bool, scale: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    _require_kernel_device(query)
+    return _kernels.attention_forward(query, key, value, _expanded_mask(attn_mask, query, key), dropout_p,
+                                      is_causal, scale, seed)
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    batch, heads, length_q, _ = query.shape
+    out = query.new_empty((batch, heads, length_q, value.size(3)))
+    lse = query.new_empty((batch, heads, length_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fasttf::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                       attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                       seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _require_kernel_device(query)
+    return _kernels.attention_backward(grad_out, query, key, value, out, lse,
+                                       _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale, seed)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+                             seed):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_backward(grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p,
+                                                ctx.is_causal, ctx.scale, seed)
+    return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout seed and keep-mask (so tests can replay the kernel's dropout in the reference)
+
+
+def draw_dropout_seed(device) -> Tensor:
+    """The seed the next dropout call draws: one int64 from torch's generator of `device`."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+    """The bool keep-mask (N, H, L, S) (or (H, L, S) for 3-D inputs) that the kernels draw with
+    `seed`: `reference.scaled_dot_product_attention(..., dropout_mask=mask)` replays it."""
+    heads, length_q, length_k = query.size(-3), query.size(-2), key.size(-2)
+    batch = query.size(0) if query.dim() == 4 else 1
+    _require_kernel_device(query)
+    keep = _kernels.dropout_keep_mask(batch, heads, length_q, length_k, dropout_p, seed.to(query.device),
+                                      query.device)
+    return keep if query.dim() == 4 else keep[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: the error types torch's SDPA raises (RuntimeError), each naming the argument
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa):
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP, name, tensor)
+    if attn_mask is not None:
+        check_tensor(OP, "attn_mask", attn_mask)
+    check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)
+    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
+        raise RuntimeError(f"fasttf.{OP}: expected query, key and value all 4-D (N, H, L, E) or all 3-D "
+                           f"(H, L, E), got query {query.dim()}-D, key {key.dim()}-D, value {value.dim()}-D")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"fasttf.{OP}: expected query, key and value to have the same dtype, got "
+                           f"query.dtype {query.dtype}, key.dtype {key.dtype}, value.dtype {value.dtype}")
+    if query.dim() == 4 and not (query.size(0) == key.size(0) == value.size(0)):
+        raise RuntimeError(f"fasttf.{OP}: expected one batch size, got query {query.size(0)}, key {key.size(0)}, "
+                           f"value {value.size(0)}")
+    heads, heads_kv = query.size(-3), key.size(-3)
+    if value.size(-3) != heads_kv:
+        raise RuntimeError(f"fasttf.{OP}: expected key and value to have the same number of heads, got "
+                           f"key {heads_kv} and value {value.size(-3)}")
+    if enable_gqa:
+        if heads_kv == 0 or heads % heads_kv != 0:
+            raise RuntimeError(f"fasttf.{OP}: enable_gqa needs the number of query heads ({heads}) to be a "
+                               f"multiple of the number of key/value heads ({heads_kv})")
+    elif heads != heads_kv:
+        raise RuntimeError(f"fasttf.{OP}: query has {heads} heads but key/value have {heads_kv}; pass "
+                           f"enable_gqa=True for grouped-query attention")
+    if key.size(-1) != query.size(-1):
+        raise RuntimeError(f"fasttf.{OP}: expected key's head dim ({key.size(-1)}) to equal query's "
+                           f"({query.size(-1)})")
+    if value.size(-2) != key.size(-2):
+        raise RuntimeError(f"fasttf.{OP}: expected value's sequence length ({value.size(-2)}) to equal key's "
+                           f"({key.size(-2)})")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise RuntimeError(f"fasttf.{OP}: expected attn_mask of dtype bool or query's dtype {query.dtype}, "
+                               f"got {attn_mask.dtype}")
+        scores_shape = (*query.shape[:-1], key.size(-2))
+        try:
+            broadcast = torch.broadcast_shapes(attn_mask.shape, scores_shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size(scores_shape):
+            raise RuntimeError(f"fasttf.{OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                               f"the scores' shape {tuple(scores_shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"fasttf.{OP}: expected dropout_p between 0 and 1, got {dropout_p}")
+
+
+def _fallback_reason(query: Tensor) -> str | None:
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} is not one of float16, bfloat16, float32"
+    if query.device.type != "cuda" and not _kernels.INTERPRET:
+        return (f"the Triton kernels need a CUDA tensor (got {query.device}) or TRITON_INTERPRET=1 "
+                f"set before triton is imported")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The public function
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, fused: q (N, H, L, E), k (N, Hkv, S, E),
+    v (N, Hkv, S, Ev) -> (N, H, L, Ev), or the same without the batch dim.
+
+    Bool mask True = attend, float mask added; any shape broadcastable to (N, H, L, S). is_causal is
+    top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
+    query, key and value (not in a float attn_mask).
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    head_dim = max(query.size(-1), value.size(-1))
+    reason = _fallback_reason(query)
+    if reason is None and head_dim > MAX_HEAD_DIM:
+        reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    if reason is not None:
+        fall_back(OP, reason)
+        if query.dtype in KERNEL_DTYPES:  # the device or the head dim: torch's own SDPA does it well
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
+
+    batched = query.dim() == 4
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
+    out, _ = attention_forward(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    return out if batched else out.squeeze(0)
