@@ -1,0 +1,611 @@
+"""fasttf.MultiheadAttention / multi_head_attention_forward against torch's, option by option.
+
+The same state_dict in both modules, the same inputs: outputs, weights and gradients (inputs and
+parameters) must agree. float32 runs strict (FASTTF_STRICT=1: need_weights=False must go through
+the fused kernel) and is judged by the accuracy rule of DESIGN.md against torch in float64;
+float64 runs with strict off (the kernel is float32/16/bf16: float64 falls back inside it) and must
+match torch in float64 closely. Shapes are tiny: the kernel runs under the Triton interpreter.
+"""
+
+import inspect
+import io
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fasttf
+from fasttf.testing import assert_close_to_reference
+
+# ----------------------------------------------------------------------------------------------
+# Random configurations of every option
+
+
+def random_config(seed):
+    rng = random.Random(seed)
+    num_heads = rng.choice([1, 2, 4])
+    head_dim = rng.choice([2, 4]) if num_heads > 1 else rng.choice([4, 8, 16])
+    embed_dim = num_heads * head_dim
+    separate = rng.random() < 0.3
+    cfg = dict(
+        embed_dim=embed_dim, num_heads=num_heads, bias=rng.random() < 0.8,
+        add_bias_kv=rng.random() < 0.3, add_zero_attn=rng.random() < 0.3,
+        kdim=rng.choice([3, 5]) if separate else None, vdim=rng.choice([3, 6]) if separate else None,
+        batch_first=rng.random() < 0.5,
+        batched=rng.random() < 0.8, batch=rng.randint(1, 3), length_q=rng.randint(1, 6), length_k=rng.randint(1, 6),
+        self_attention=(not separate) and rng.random() < 0.3,
+        attn_mask=rng.choice(["none", "bool2d", "float2d", "bool3d", "float3d", "causal"]),
+        key_padding_mask=rng.choice(["none", "bool", "float"]),
+        need_weights=rng.random() < 0.5, average_attn_weights=rng.random() < 0.5,
+        training=rng.random() < 0.5,
+        dtype=torch.float64 if rng.random() < 0.25 else torch.float32,
+    )
+    if cfg["self_attention"]:
+        cfg["length_k"] = cfg["length_q"]
+    cfg["is_causal"] = cfg["attn_mask"] == "causal" and rng.random() < 0.7
+    return cfg
+
+
+def make_inputs(cfg, seed):
+    """query, key, value and the forward kwargs; no row is fully masked (column 0 stays free)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, length_q, length_k, heads = cfg["batch"], cfg["length_q"], cfg["length_k"], cfg["num_heads"]
+    dtype = cfg["dtype"]
+
+    def seq(length, dim):
+        if not cfg["batched"]:
+            shape = (length, dim)
+        else:
+            shape = (n, length, dim) if cfg["batch_first"] else (length, n, dim)
+        return torch.randn(shape, generator=gen, dtype=dtype)
+
+    query = seq(length_q, cfg["embed_dim"])
+    if cfg["self_attention"]:
+        key = value = query
+    else:
+        key = seq(length_k, cfg["kdim"] or cfg["embed_dim"])
+        value = seq(length_k, cfg["vdim"] or cfg["embed_dim"])
+
+    def bool_mask(shape):
+        mask = torch.rand(shape, generator=gen) < 0.35
+        mask[..., 0] = False
+        return mask
+
+    mask_batch = (n * heads,) if cfg["batched"] else (heads,)
+    kind = cfg["attn_mask"]
+    attn_mask = {
+        "none": lambda: None,
+        "bool2d": lambda: bool_mask((length_q, length_k)),
+        "float2d": lambda: torch.randn((length_q, length_k), generator=gen, dtype=dtype),
+        "bool3d": lambda: bool_mask(mask_batch + (length_q, length_k)),
+        "float3d": lambda: torch.randn(mask_batch + (length_q, length_k), generator=gen, dtype=dtype),
+        "causal": lambda: ~torch.ones(length_q, length_k, dtype=torch.bool).tril(),
+    }[kind]()
+    padding_shape = (n, length_k) if cfg["batched"] else (length_k,)
+    key_padding_mask = {
+        "none": lambda: None,
+        "bool": lambda: bool_mask(padding_shape),
+        "float": lambda: torch.randn(padding_shape, generator=gen, dtype=dtype),
+    }[cfg["key_padding_mask"]]()
+    kwargs = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=cfg["need_weights"],
+                  average_attn_weights=cfg["average_attn_weights"], is_causal=cfg["is_causal"])
+    return (query, key, value), kwargs
+
+
+def module_pair(cfg, dropout=0.0):
+    """A torch module and a fasttf module with the same weights (bias_k/v and biases made nonzero)."""
+    options = dict(dropout=dropout, bias=cfg["bias"], add_bias_kv=cfg["add_bias_kv"],
+                   add_zero_attn=cfg["add_zero_attn"], kdim=cfg["kdim"], vdim=cfg["vdim"],
+                   batch_first=cfg["batch_first"], dtype=cfg["dtype"])
+    theirs = nn.MultiheadAttention(cfg["embed_dim"], cfg["num_heads"], **options)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            if param.dim() == 1:
+                param.uniform_(-0.5, 0.5)
+    ours = fasttf.MultiheadAttention(cfg["embed_dim"], cfg["num_heads"], **options)
+    ours.load_state_dict(theirs.state_dict())
+    ours.train(cfg["training"])
+    theirs.train(cfg["training"])
+    return theirs, ours
+
+
+def cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def run(module, inputs, kwargs, dtype, seed):
+    """Forward and backward with fixed random cotangents: every result, by name."""
+    module = module.to(dtype)
+    leaves = {}
+    tensors = []
+    for name, tensor in zip(("query", "key", "value"), inputs):
+        if id(tensor) not in leaves:  # self-attention: one leaf, one gradient
+            leaves[id(tensor)] = (name, cast(tensor, dtype).detach().requires_grad_(True))
+        tensors.append(leaves[id(tensor)][1])
+    kwargs = {k: cast(v, dtype) for k, v in kwargs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mismatched mask dtypes: deprecated, tested elsewhere
+        output, weights = module(*tensors, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = (output * torch.randn(output.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+    results = {"output": output}
+    if weights is not None:
+        loss = loss + (weights * torch.randn(weights.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+        results["weights"] = weights
+    names = [name for name, _ in leaves.values()] + [name for name, _ in module.named_parameters()]
+    wrt = [leaf for _, leaf in leaves.values()] + list(module.parameters())
+    for name, grad in zip(names, torch.autograd.grad(loss, wrt)):
+        results["grad " + name] = grad
+    return {name: value.detach() for name, value in results.items()}
+
+
+def assert_same_results(ours, theirs, reference=None):
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape, name
+        if reference is None:  # float64: both must agree to float64 precision
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-10, msg=name)
+        else:
+            assert_close_to_reference(ours[name], reference[name], theirs[name], name=name)
+
+
+SWEEP = range(120)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records the arguments of every call of the attention kernel (which still runs)."""
+    calls = []
+    kernel = fasttf.ops.attention.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(kernel).bind(*args, **kwargs).arguments)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("seed", SWEEP)
+def test_random_configuration_matches_torch(seed, monkeypatch, kernel_calls):
+    cfg = random_config(seed)
+    inputs, kwargs = make_inputs(cfg, seed)
+    theirs, ours = module_pair(cfg)
+    if cfg["dtype"] == torch.float64:
+        monkeypatch.delenv("FASTTF_STRICT")  # the kernel has no float64: it falls back inside
+        assert_same_results(run(ours, inputs, kwargs, torch.float64, seed),
+                            run(theirs, inputs, kwargs, torch.float64, seed))
+    else:
+        reference = run(theirs, inputs, kwargs, torch.float64, seed)
+        baseline = run(theirs, inputs, kwargs, torch.float32, seed)
+        assert_same_results(run(ours, inputs, kwargs, torch.float32, seed), baseline, reference)
+    assert len(kernel_calls) == (0 if cfg["need_weights"] else 1)  # strict: float32 calls really ran it
+
+
+def test_sweep_covers_every_option():
+    configs = [random_config(seed) for seed in SWEEP]
+    for option in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "batched", "self_attention",
+                   "need_weights", "average_attn_weights", "training", "is_causal"):
+        assert {c[option] for c in configs} == {False, True}, option
+    assert {c["attn_mask"] for c in configs} == {"none", "bool2d", "float2d", "bool3d", "float3d", "causal"}
+    assert {c["key_padding_mask"] for c in configs} == {"none", "bool", "float"}
+    assert {c["dtype"] for c in configs} == {torch.float32, torch.float64}
+    assert any(c["kdim"] for c in configs) and any(c["kdim"] is None for c in configs)
+    assert any(c["attn_mask"] != "none" and c["key_padding_mask"] != "none" for c in configs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fully masked rows: torch's weight path gives NaN, its SDPA path 0; fasttf gives 0 on both
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_fully_masked_rows_give_what_torch_sdpa_gives(need_weights):
+    cfg = dict(random_config(0), embed_dim=8, num_heads=2, bias=True, add_bias_kv=False, add_zero_attn=False,
+               kdim=None, vdim=None, batch_first=True, training=True, dtype=torch.float32)
+    theirs, ours = module_pair(cfg)
+    query = torch.randn(2, 3, 8, requires_grad=True)
+    key_padding_mask = torch.tensor([[False, True, False, True], [True, True, True, True]])  # batch 1: all keys
+    attn_mask = torch.zeros(3, 4, dtype=torch.bool)
+    attn_mask[1, [0, 2]] = True  # batch 0, query 1: its last two free keys masked too
+    kv = torch.randn(2, 4, 8)
+    expected, _ = theirs(query, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)
+    _, torch_weights = theirs(query, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                              average_attn_weights=False)
+    output, weights = ours(query, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                           need_weights=need_weights, average_attn_weights=False)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(output[1], ours.out_proj.bias.expand(3, 8))  # attention 0, then the bias
+    torch.testing.assert_close(output[0, 1], ours.out_proj.bias)
+    if need_weights:
+        assert torch.isnan(torch_weights[1]).all() and torch.isnan(torch_weights[0, :, 1]).all()
+        torch.testing.assert_close(weights, torch_weights.nan_to_num(0.0))
+    (grad,) = torch.autograd.grad(output.sum(), query)
+    assert not torch.isnan(grad).any()
+    assert (grad[1] == 0).all() and (grad[0, 1] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout: training only
+
+
+def test_dropout_applies_in_training_only():
+    cfg = dict(random_config(0), embed_dim=8, num_heads=2, bias=True, add_bias_kv=False, add_zero_attn=False,
+               kdim=None, vdim=None, batch_first=False, training=False, dtype=torch.float32)
+    theirs, ours = module_pair(cfg, dropout=0.5)
+    query, kv = torch.randn(5, 3, 8), torch.randn(7, 3, 8)
+    expected, _ = theirs(query, kv, kv, need_weights=False)
+    evaluated, weights = ours(query, kv, kv, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(evaluated, expected)
+    ours.train()
+    trained, _ = ours(query, kv, kv, need_weights=False)
+    assert trained.shape == expected.shape == (5, 3, 8)
+    assert not torch.allclose(trained, evaluated)
+    trained_again, _ = ours(query, kv, kv, need_weights=False)
+    assert not torch.allclose(trained, trained_again)  # a fresh dropout mask each call
+    torch.manual_seed(11)
+    replayed, _ = ours(query, kv, kv, need_weights=False)
+    torch.manual_seed(11)
+    torch.testing.assert_close(ours(query, kv, kv, need_weights=False)[0], replayed)  # torch's generator
+
+
+def test_dropout_with_weights_draws_as_torch_does():
+    """need_weights=True runs torch's own sequence of ops: the same seed gives the same dropout."""
+    cfg = dict(random_config(0), embed_dim=8, num_heads=2, bias=True, add_bias_kv=False, add_zero_attn=False,
+               kdim=None, vdim=None, batch_first=True, training=True, dtype=torch.float32)
+    theirs, ours = module_pair(cfg, dropout=0.3)
+    query, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
+    torch.manual_seed(7)
+    expected, expected_weights = theirs(query, kv, kv, average_attn_weights=False)
+    torch.manual_seed(7)
+    output, weights = ours(query, kv, kv, average_attn_weights=False)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(weights, expected_weights)
+    assert (weights == 0).any()  # dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks reach the kernel as small as they can be
+
+
+@pytest.mark.parametrize("attn,padding,expected_shape,expected_dtype", [
+    ("2d", None, (4, 6), torch.bool),
+    (None, "bool", (3, 1, 1, 6), torch.bool),
+    ("2d", "bool", (3, 1, 4, 6), torch.bool),
+    ("2d", "float", (3, 1, 4, 6), torch.float32),
+    ("3d", None, (3, 2, 4, 6), torch.bool),
+    ("3d", "bool", (3, 2, 4, 6), torch.bool),
+    (None, None, None, None),
+])
+def test_masks_reach_the_kernel_unexpanded(kernel_calls, attn, padding, expected_shape, expected_dtype):
+    mha = fasttf.MultiheadAttention(8, 2, batch_first=True)
+    query, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
+    attn_mask = {None: None, "2d": torch.rand(4, 6) < 0.3, "3d": torch.rand(6, 4, 6) < 0.3}[attn]
+    key_padding_mask = {None: None, "bool": torch.rand(3, 6) < 0.3, "float": torch.randn(3, 6)}[padding]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mha(query, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)
+    (call,) = kernel_calls
+    mask = call.get("attn_mask")
+    assert (None if mask is None else tuple(mask.shape)) == expected_shape
+    if mask is not None:
+        assert mask.dtype == expected_dtype
+        if expected_dtype == torch.bool:  # SDPA's convention: True = attend
+            masked = torch.zeros(expected_shape, dtype=torch.bool)
+            if attn == "2d":
+                masked = masked | attn_mask
+            if attn == "3d":
+                masked = masked | attn_mask.view(3, 2, 4, 6)
+            if padding:
+                masked = masked | key_padding_mask.view(3, 1, 1, 6)
+            assert torch.equal(mask, ~masked)
+
+
+def test_3d_float_mask_is_viewed_not_copied(kernel_calls):
+    mha = fasttf.MultiheadAttention(8, 2)
+    query, kv = torch.randn(4, 3, 8), torch.randn(6, 3, 8)
+    attn_mask = torch.randn(6, 4, 6)
+    mha(query, kv, kv, attn_mask=attn_mask, need_weights=False)
+    mask = kernel_calls[0]["attn_mask"]
+    assert mask.shape == (3, 2, 4, 6) and mask.data_ptr() == attn_mask.data_ptr()
+
+
+def test_is_causal_hint_goes_to_the_kernel_without_a_mask(kernel_calls):
+    mha = fasttf.MultiheadAttention(8, 2)
+    x = torch.randn(5, 2, 8)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    expected, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
+    output, _ = mha(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    torch.testing.assert_close(output, expected)
+    assert kernel_calls[1]["is_causal"] is True and kernel_calls[1].get("attn_mask") is None
+
+
+def test_a_mask_that_requires_grad_falls_back_visibly(monkeypatch):
+    mha = fasttf.MultiheadAttention(8, 2)
+    x = torch.randn(5, 2, 8)
+    bias = torch.randn(5, 5, requires_grad=True)  # a learned additive mask (relative position bias)
+    with pytest.raises(fasttf.FallbackError, match="requires grad"):
+        mha(x, x, x, attn_mask=bias, need_weights=False)
+    monkeypatch.delenv("FASTTF_STRICT")
+    torch_mha = nn.MultiheadAttention(8, 2)
+    torch_mha.load_state_dict(mha.state_dict())
+    with pytest.warns(UserWarning, match="requires grad"):
+        output, _ = mha(x, x, x, attn_mask=bias, need_weights=False)
+    expected, _ = torch_mha(x, x, x, attn_mask=bias, need_weights=False)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(torch.autograd.grad(output.sum(), bias)[0],
+                               torch.autograd.grad(expected.sum(), bias)[0])
+
+
+def test_float64_without_weights_is_a_visible_fallback():
+    mha = fasttf.MultiheadAttention(8, 2, dtype=torch.float64)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    with pytest.raises(fasttf.FallbackError):
+        mha(x, x, x, need_weights=False)
+    mha(x, x, x, need_weights=True)  # the weight path is plain torch by design: not a fallback
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and warnings: torch's types and messages
+
+
+def _error_of(call):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+    except Exception as error:  # noqa: BLE001 -- we compare whatever torch raises
+        return type(error), str(error)
+    return None
+
+
+E, H, L, S, N = 8, 2, 3, 4, 2
+_b, _i = torch.bool, torch.int64
+INVALID_FORWARDS = {  # name: (constructor kwargs, query shape, key shape, value shape, forward kwargs)
+    "4-D query": ({}, (L, N, E, 1), (S, N, E), (S, N, E), {}),
+    "1-D query": ({}, (E,), (S, E), (S, E), {}),
+    "batched query, 2-D key": ({}, (L, N, E), (S, E), (S, N, E), {}),
+    "unbatched query, 3-D value": ({}, (L, E), (S, E), (S, N, E), {}),
+    "3-D key_padding_mask": ({}, (L, N, E), (S, N, E), (S, N, E), {"key_padding_mask": torch.zeros(N, S, 1, dtype=_b)}),
+    "unbatched, 2-D key_padding_mask": ({}, (L, E), (S, E), (S, E), {"key_padding_mask": torch.zeros(1, S, dtype=_b)}),
+    "4-D attn_mask": ({}, (L, N, E), (S, N, E), (S, N, E), {"attn_mask": torch.zeros(1, 1, L, S, dtype=_b)}),
+    "unbatched, 3-D attn_mask of the wrong shape": ({}, (L, E), (S, E), (S, E),
+                                                    {"attn_mask": torch.zeros(H + 1, L, S, dtype=_b)}),
+    "int key_padding_mask": ({}, (L, N, E), (S, N, E), (S, N, E), {"key_padding_mask": torch.zeros(N, S, dtype=_i)}),
+    "int attn_mask": ({}, (L, N, E), (S, N, E), (S, N, E), {"attn_mask": torch.zeros(L, S, dtype=_i)}),
+    "is_causal without attn_mask": ({}, (L, N, E), (S, N, E), (S, N, E), {"is_causal": True}),
+    "wrong embedding dim": ({}, (L, N, E + 2), (S, N, E + 2), (S, N, E + 2), {}),
+    "key and value shapes differ": ({}, (L, N, E), (S, N, E), (S + 1, N, E), {}),
+    "separate weights, key and value lengths differ": ({"kdim": 3, "vdim": 5}, (L, N, E), (S, N, 3), (S + 1, N, 5), {}),
+    "separate weights, wrong kdim": ({"kdim": 3, "vdim": 5}, (L, N, E), (S, N, 4), (S, N, 5), {}),
+    "2-D attn_mask of the wrong shape": ({}, (L, N, E), (S, N, E), (S, N, E), {"attn_mask": torch.zeros(L, S + 1)}),
+    "3-D attn_mask of the wrong shape": ({}, (L, N, E), (S, N, E), (S, N, E), {"attn_mask": torch.zeros(N, L, S)}),
+    "key_padding_mask of the wrong batch": ({}, (L, N, E), (S, N, E), (S, N, E),
+                                            {"key_padding_mask": torch.zeros(N + 1, S, dtype=_b)}),
+    "key_padding_mask of the wrong length": ({"add_zero_attn": True}, (L, N, E), (S, N, E), (S, N, E),
+                                             {"key_padding_mask": torch.zeros(N, S + 1, dtype=_b)}),
+    "batch_first, batched query, 2-D key": ({"batch_first": True}, (N, L, E), (S, E), (S, E), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID_FORWARDS))
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_invalid_forward_raises_as_torch(name, need_weights):
+    options, query_shape, key_shape, value_shape, kwargs = INVALID_FORWARDS[name]
+    theirs = nn.MultiheadAttention(E, H, **options)
+    ours = fasttf.MultiheadAttention(E, H, **options)
+    inputs = [torch.randn(shape) for shape in (query_shape, key_shape, value_shape)]
+    expected = _error_of(lambda: theirs(*inputs, need_weights=need_weights, **kwargs))
+    assert expected is not None, "the case must be invalid for torch"
+    assert _error_of(lambda: ours(*inputs, need_weights=need_weights, **kwargs)) == expected
+
+
+@pytest.mark.parametrize("args", [(0, 2), (8, 0), (8, 3), (-4, 2)])
+def test_invalid_constructor_raises_as_torch(args):
+    assert _error_of(lambda: fasttf.MultiheadAttention(*args)) == _error_of(lambda: nn.MultiheadAttention(*args))
+
+
+def _functional_args(**changes):
+    gen = torch.Generator().manual_seed(3)
+    args = dict(query=torch.randn(L, N, E, generator=gen), key=torch.randn(S, N, E, generator=gen),
+                value=torch.randn(S, N, E, generator=gen), embed_dim_to_check=E, num_heads=H,
+                in_proj_weight=torch.randn(3 * E, E, generator=gen), in_proj_bias=torch.randn(3 * E, generator=gen),
+                bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+                out_proj_weight=torch.randn(E, E, generator=gen), out_proj_bias=torch.randn(E, generator=gen),
+                training=False)
+    args.update(changes)
+    return args
+
+
+INVALID_FUNCTIONAL = {
+    "bias_k without bias_v": dict(bias_k=torch.randn(1, 1, E)),
+    "bias_v without bias_k": dict(bias_v=torch.randn(1, 1, E)),
+    "bias with static_k": dict(bias_k=torch.randn(1, 1, E), bias_v=torch.randn(1, 1, E),
+                               static_k=torch.randn(N * H, S, E // H)),
+    "bias with static_v": dict(bias_k=torch.randn(1, 1, E), bias_v=torch.randn(1, 1, E),
+                               static_v=torch.randn(N * H, S, E // H)),
+    "static_k of the wrong batch": dict(static_k=torch.randn(N * H + 1, S, E // H)),
+    "static_k of the wrong head dim": dict(static_k=torch.randn(N * H, S, E // H + 1)),
+    "static_v of the wrong batch": dict(static_v=torch.randn(N, S, E // H)),
+    "static_v of the wrong head dim": dict(static_v=torch.randn(N * H, S, 1)),
+    "no in_proj_weight": dict(in_proj_weight=None),
+    "separate weights, no q_proj_weight": dict(use_separate_proj_weight=True, k_proj_weight=torch.randn(E, E),
+                                               v_proj_weight=torch.randn(E, E)),
+    "separate weights, no v_proj_weight": dict(use_separate_proj_weight=True, q_proj_weight=torch.randn(E, E),
+                                               k_proj_weight=torch.randn(E, E)),
+    "separate weights, wrong q_proj_weight": dict(use_separate_proj_weight=True, q_proj_weight=torch.randn(E, E + 1),
+                                                  k_proj_weight=torch.randn(E, E), v_proj_weight=torch.randn(E, E)),
+    "embed_dim not divisible": dict(num_heads=3, embed_dim_to_check=E),
+    "wrong embed_dim_to_check": dict(embed_dim_to_check=E + 1),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID_FUNCTIONAL))
+def test_invalid_functional_call_raises_as_torch(name):
+    args = _functional_args(**INVALID_FUNCTIONAL[name])
+    expected = _error_of(lambda: F.multi_head_attention_forward(**args))
+    assert expected is not None, "the case must be invalid for torch"
+    assert _error_of(lambda: fasttf.multi_head_attention_forward(**args)) == expected
+
+
+def _warnings_of(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("padding_dtype,attn_dtype", [(torch.bool, torch.float32), (torch.float32, torch.bool),
+                                                      (torch.bool, torch.bool)])
+def test_mismatched_mask_types_warn_as_torch(padding_dtype, attn_dtype):
+    theirs = nn.MultiheadAttention(E, H)
+    ours = fasttf.MultiheadAttention(E, H)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(L, N, E)
+    masks = dict(key_padding_mask=torch.zeros(N, L, dtype=padding_dtype), attn_mask=torch.zeros(L, L, dtype=attn_dtype))
+    expected = _warnings_of(lambda: theirs(x, x, x, need_weights=False, **masks))
+    assert _warnings_of(lambda: ours(x, x, x, need_weights=False, **masks)) == expected
+    assert bool(expected) == (padding_dtype != attn_dtype)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensor_input_is_refused_clearly():
+    mha = fasttf.MultiheadAttention(E, H, batch_first=True).eval()
+    nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(2, E)])
+    with pytest.raises(AssertionError, match="NestedTensor"):
+        mha(nested, nested, nested, need_weights=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unbatched inputs: the no-batch-dim cases of torch's own module tests (common_modules.py)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+@pytest.mark.parametrize("add_zero_attn", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_batch_dim_as_torch_tests_it(batch_first, bias, add_bias_kv, add_zero_attn, padding, masked):
+    """embed_dim 3, 3 heads, (3, 3) inputs; key_padding_mask (S,), attn_mask (num_heads, L, S) expanded."""
+    key_padding_mask = torch.tensor([False, False, True]) if padding else None
+    attn_mask = torch.tensor([False, False, True]).expand((3, 3, 3)) if masked else None
+    options = dict(batch_first=batch_first, bias=bias, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+    theirs = nn.MultiheadAttention(3, 3, **options)
+    ours = fasttf.MultiheadAttention(3, 3, **options)
+    ours.load_state_dict(theirs.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, 3, generator=gen) for _ in range(3))
+    for need_weights in (False, True):
+        output, weights = ours(query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                               need_weights=need_weights)
+        expected, expected_weights = theirs(query, key, value, key_padding_mask=key_padding_mask,
+                                            attn_mask=attn_mask, need_weights=need_weights)
+        torch.testing.assert_close(output, expected)
+        assert output.shape == (3, 3)
+        if need_weights:
+            torch.testing.assert_close(weights, expected_weights)
+            assert weights.shape == (3, 3 + add_bias_kv + add_zero_attn)
+        # torch's reference for no-batch-dim: the same call with a batch of one
+        batch_dim = 0 if batch_first else 1
+        batched, _ = ours(*(t.unsqueeze(batch_dim) for t in (query, key, value)),
+                          key_padding_mask=None if padding is False else key_padding_mask.unsqueeze(0),
+                          attn_mask=attn_mask, need_weights=need_weights)
+        torch.testing.assert_close(output, batched.squeeze(batch_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, attributes, the functional form
+
+
+def test_attributes_and_state_dict_are_torchs():
+    for options in (dict(), dict(kdim=3, vdim=5, bias=False), dict(add_bias_kv=True, add_zero_attn=True, dropout=0.1)):
+        torch.manual_seed(0)
+        theirs = nn.MultiheadAttention(E, H, batch_first=True, **options)
+        torch.manual_seed(0)
+        ours = fasttf.MultiheadAttention(E, H, batch_first=True, **options)
+        assert isinstance(ours, nn.MultiheadAttention)
+        for name in ("embed_dim", "kdim", "vdim", "num_heads", "head_dim", "dropout", "batch_first",
+                     "_qkv_same_embed_dim", "add_zero_attn"):
+            assert getattr(ours, name) == getattr(theirs, name), name
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                     "bias_v"):
+            mine, their = getattr(ours, name), getattr(theirs, name)
+            assert (mine is None) == (their is None), name
+            if mine is not None:
+                assert type(mine) is type(their) and torch.equal(mine, their), name  # same initialisation
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for key, tensor in ours.state_dict().items():
+            torch.testing.assert_close(tensor, theirs.state_dict()[key], rtol=0, atol=0)
+
+
+def test_checkpoints_load_both_ways(tmp_path):
+    torch.manual_seed(1)
+    theirs = nn.MultiheadAttention(E, H, kdim=3, vdim=5, add_bias_kv=True)
+    ours = fasttf.MultiheadAttention(E, H, kdim=3, vdim=5, add_bias_kv=True)
+    torch.save(theirs.state_dict(), tmp_path / "torch.pt")
+    ours.load_state_dict(torch.load(tmp_path / "torch.pt"))
+    query, key, value = torch.randn(L, N, E), torch.randn(S, N, 3), torch.randn(S, N, 5)
+    torch.testing.assert_close(ours(query, key, value)[0], theirs(query, key, value)[0])
+
+    ours_again = fasttf.MultiheadAttention(E, H, kdim=3, vdim=5, add_bias_kv=True)
+    with torch.no_grad():
+        for param in ours_again.parameters():
+            param.normal_()
+    back = nn.MultiheadAttention(E, H, kdim=3, vdim=5, add_bias_kv=True)
+    torch.save(ours_again.state_dict(), tmp_path / "fasttf.pt")
+    back.load_state_dict(torch.load(tmp_path / "fasttf.pt"))
+    torch.testing.assert_close(back(query, key, value)[0], ours_again(query, key, value)[0])
+
+    buffer = io.BytesIO()  # the whole module pickles and keeps working (its pre-hook included)
+    torch.save(ours_again, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is fasttf.MultiheadAttention and len(loaded._forward_pre_hooks) == 1
+    torch.testing.assert_close(loaded(query, key, value)[0], ours_again(query, key, value)[0])
+
+
+def test_functional_signature_is_torchs():
+    assert inspect.signature(fasttf.multi_head_attention_forward) == inspect.signature(F.multi_head_attention_forward)
+    ours = inspect.signature(fasttf.MultiheadAttention.forward)
+    theirs = inspect.signature(nn.MultiheadAttention.forward)
+    assert ours == theirs
+    assert inspect.signature(fasttf.MultiheadAttention.__init__) == inspect.signature(nn.MultiheadAttention.__init__)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("variant", ["static_kv", "separate_weights", "bias_kv_zero_attn", "unbatched_causal"])
+def test_functional_matches_torch(variant, need_weights):
+    gen = torch.Generator().manual_seed(5)
+    changes = {"training": True}
+    if variant == "static_kv":
+        changes.update(static_k=torch.randn(N * H, S, E // H, generator=gen),
+                       static_v=torch.randn(N * H, S, E // H, generator=gen), add_zero_attn=True,
+                       key_padding_mask=torch.rand(N, S, generator=gen) < 0.3,
+                       attn_mask=torch.randn(L, S, generator=gen))
+    elif variant == "separate_weights":
+        changes.update(use_separate_proj_weight=True, in_proj_weight=None, key=torch.randn(S, N, 3, generator=gen),
+                       value=torch.randn(S, N, 5, generator=gen), q_proj_weight=torch.randn(E, E, generator=gen),
+                       k_proj_weight=torch.randn(E, 3, generator=gen), v_proj_weight=torch.randn(E, 5, generator=gen),
+                       attn_mask=torch.rand(N * H, L, S, generator=gen) < 0.3, average_attn_weights=False)
+    elif variant == "bias_kv_zero_attn":
+        changes.update(bias_k=torch.randn(1, 1, E, generator=gen), bias_v=torch.randn(1, 1, E, generator=gen),
+                       add_zero_attn=True, key_padding_mask=torch.randn(N, S, generator=gen),
+                       attn_mask=torch.randn(N * H, L, S, generator=gen))
+    else:
+        x = torch.randn(L, E, generator=gen)
+        changes.update(query=x, key=x, value=x, attn_mask=nn.Transformer.generate_square_subsequent_mask(L),
+                       is_causal=True, key_padding_mask=torch.zeros(L))
+    args = _functional_args(**changes, need_weights=need_weights)
+    expected = F.multi_head_attention_forward(**args)
+    actual = fasttf.multi_head_attention_forward(**args)
+    torch.testing.assert_close(actual[0], expected[0])
+    assert (actual[1] is None) == (expected[1] is None) == (not need_weights)
+    if need_weights:
+        torch.testing.assert_close(actual[1], expected[1])
