@@ -1,0 +1,73 @@
+"""fasttf's benchmark session: tiny shapes for CI, the device in the JSON, and each result's speedup
+over the eager twin of its group (the implementation a user writes today), measured in the same run.
+
+    pytest bench --benchmark-json bench/results/latest.json     # the full suite on this device
+    pytest bench --tiny --benchmark-disable                      # CI: every entry runs once, tiny shapes
+
+FASTTF_BENCH_THREADS=n sets torch's CPU threads, FASTTF_BENCH_BUDGET_S the seconds of timed calls
+per entry (harness.py). `--tiny` (or FASTTF_BENCH_TINY=1) selects the tiny shapes; it must be known before the suites are
+collected, so it is turned into the environment variable here, before harness.py is imported.
+"""
+
+import os
+import sys
+
+import pytest
+
+# benchmarks are a measurement, not a test of strictness: a fallback warns (once) instead of raising
+os.environ.pop("FASTTF_STRICT", None)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tiny", action="store_true", default=False,
+                     help="fasttf benchmarks: tiny shapes only (CI, with --benchmark-disable)")
+
+
+def pytest_configure(config):
+    if config.getoption("--tiny", default=False):
+        os.environ["FASTTF_BENCH_TINY"] = "1"
+    sys.path.insert(0, os.path.dirname(__file__))
+    threads = os.environ.get("FASTTF_BENCH_THREADS")
+    if threads:  # e.g. 1 on a loaded shared machine, where threads wait on each other's time slices
+        import torch
+        torch.set_num_threads(int(threads))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import torch
+
+    import harness
+
+    machine_info["fasttf"] = {
+        "device": harness.DEVICE,
+        "device_name": harness.device_name(),
+        "torch": torch.__version__,
+        "triton_interpreter": harness.interpreter_active(),
+        "tiny": harness.TINY,
+        "load_average_at_end": os.getloadavg(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+        machine_info["fasttf"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+
+def add_speedups(benchmarks):
+    """extra_info['speedup_vs_eager'] = eager twin's median / this median, per group; the twin is
+    the entry of the group with extra_info['eager_twin'] True (none: no speedup for that group)."""
+    twins = {}
+    for entry in benchmarks:
+        if entry["extra_info"].get("eager_twin"):
+            twins[entry["group"]] = entry
+    for entry in benchmarks:
+        twin = twins.get(entry["group"])
+        if twin is None:
+            continue
+        entry["extra_info"]["eager_twin_impl"] = twin["extra_info"]["impl"]
+        entry["extra_info"]["speedup_vs_eager"] = twin["stats"]["median"] / entry["stats"]["median"]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    add_speedups(output_json["benchmarks"])

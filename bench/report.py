@@ -1,0 +1,204 @@
+"""Turn a pytest-benchmark JSON of fasttf's suites into a report a person reads at a glance.
+
+    python bench/report.py RESULTS.json [--out DIR]
+
+writes, into DIR (default: bench/results/), files named after the device the run measured
+(e.g. `cpu-amd-epyc-2-cores`, `cuda-nvidia-h100-80gb-hbm3`):
+
+    <device>.md                 one Markdown table: group, implementation, median time, throughput,
+                                speedup vs the group's eager twin, peak memory
+    <device>-<op>-<mode>.png    throughput vs sequence length, one line per implementation, one
+                                panel per dtype / head dim / masking variant
+    <device>.json               the raw pytest-benchmark JSON the report was made from
+
+and prints the Markdown. The speedup is the eager twin's median over the entry's median, both from
+the same run (conftest.py stores it; it is recomputed here for a JSON that lacks it).
+"""
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# extra_info key -> unit, for each kind of throughput
+THROUGHPUTS = (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(data: dict) -> str:
+    info = data.get("machine_info", {}).get("fasttf", {})
+    device, name = info.get("device", "cpu"), info.get("device_name", "unknown")
+    return slug(name if name.lower().startswith(device) else f"{device} {name}")
+
+
+def format_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_bytes(count) -> str:
+    if count is None:
+        return "–"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{int(count)} B"
+
+
+def throughput(info: dict):
+    """(value, unit) of the entry's throughput, or (None, None). TFLOP/s below 1 read as GFLOP/s."""
+    for key, unit in THROUGHPUTS:
+        if key in info:
+            value = info[key]
+            if unit == "TFLOP/s" and value < 1.0:
+                return value * 1e3, "GFLOP/s"
+            if unit == "tokens/s" and value >= 1e4:
+                return value / 1e3, "k tokens/s"
+            return value, unit
+    return None, None
+
+
+def add_missing_speedups(benchmarks: list) -> None:
+    twins = {entry["group"]: entry for entry in benchmarks if entry["extra_info"].get("eager_twin")}
+    for entry in benchmarks:
+        twin = twins.get(entry["group"])
+        if twin is not None and "speedup_vs_eager" not in entry["extra_info"]:
+            entry["extra_info"]["eager_twin_impl"] = twin["extra_info"]["impl"]
+            entry["extra_info"]["speedup_vs_eager"] = twin["stats"]["median"] / entry["stats"]["median"]
+
+
+OP_ORDER = ("attention", "MultiheadAttention", "positional_encoding", "residual_add", "add_layer_norm",
+            "training step")
+
+
+def group_sort_key(entries: list):
+    info = entries[0]["extra_info"]
+    op = info.get("op", "")
+    return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), info.get("series", ""),
+            info.get("seq_len", 0), entries[0]["group"])
+
+
+def markdown(data: dict) -> str:
+    benchmarks = data["benchmarks"]
+    info = data.get("machine_info", {}).get("fasttf", {})
+    groups = defaultdict(list)
+    for entry in benchmarks:
+        groups[entry["group"]].append(entry)
+    interpreter = ("on (fasttf attention rows marked 'interpreter' are not a speed path)"
+                   if info.get("triton_interpreter") else "off")
+    lines = [
+        f"# fasttf benchmarks: {info.get('device_name', 'unknown device')}",
+        "",
+        f"- run: {data.get('datetime', '?')}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
+        f"{info.get('cpu_threads', '?')} torch threads; Triton interpreter: "
+        f"{interpreter}",
+        f"- load average at the end of the run: {', '.join(f'{x:.2f}' for x in info.get('load_average_at_end', []))}"
+        + (" (a shared machine: timings are noisy)" if info.get("device") == "cpu" else ""),
+        "- time: the median over the rounds; throughput: attention FLOP/s (4·N·H·L·S·E forward, x3.5 "
+        "forward+backward, /2 causal), elementwise GB/s (bytes read + written), training step tokens/s; "
+        "speedup: the eager twin's median / this median, same run (**bold** = the twin); peak memory: bytes "
+        "allocated at the peak of one call beyond the inputs (CUDA: max_memory_allocated; CPU: torch's CPU "
+        "allocator, replayed from torch.profiler's allocation events).",
+        "",
+        "| group | implementation | median | throughput | speedup vs eager twin | peak memory |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for entries in sorted(groups.values(), key=group_sort_key):
+        for entry in sorted(entries, key=lambda e: e["stats"]["median"]):
+            extra = entry["extra_info"]
+            value, unit = throughput(extra)
+            speedup = extra.get("speedup_vs_eager")
+            impl = f"**{extra.get('impl', entry['name'])}**" if extra.get("eager_twin") else extra.get("impl",
+                                                                                                       entry["name"])
+            lines.append(" | ".join([
+                "| " + entry["group"].replace("|", "\\|"), impl, format_time(entry["stats"]["median"]),
+                "–" if value is None else f"{value:.3g} {unit}",
+                "–" if speedup is None else f"{speedup:.3g}x",
+                f"{format_bytes(extra.get('peak_memory_bytes'))} |",
+            ]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, out_dir: Path, stem: str) -> list[Path]:
+    """One PNG per (op, mode): a panel per series, throughput vs sequence length, a line per impl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op, mode) -> series -> impl -> pts
+    for entry in data["benchmarks"]:
+        extra = entry["extra_info"]
+        value, unit = throughput(extra)
+        if value is None or "seq_len" not in extra:
+            continue
+        key = (extra.get("op", "?"), extra.get("mode", "?"))
+        families[key][extra.get("series", entry["group"])][extra.get("impl", entry["name"])].append(
+            (extra["seq_len"], value, unit))
+    written = []
+    for (op, mode), series in sorted(families.items()):
+        panels = {name: impls for name, impls in series.items()
+                  if len({point[0] for points in impls.values() for point in points}) >= 2}
+        if not panels:
+            continue  # one sequence length only: the table says it all
+        columns = min(4, len(panels))
+        rows = -(-len(panels) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+        for axis in axes.flat[len(panels):]:
+            axis.set_visible(False)
+        for axis, (name, impls) in zip(axes.flat, sorted(panels.items())):
+            units = set()
+            for impl, points in sorted(impls.items()):
+                points.sort()
+                units.update(point[2] for point in points)
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("sequence length")
+            axis.set_ylabel(" / ".join(sorted(units)))
+            axis.set_title(name, fontsize=9)
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=7)
+        figure.suptitle(f"{op} {mode}: throughput vs sequence length ({stem})", fontsize=10)
+        figure.tight_layout()
+        path = out_dir / f"{stem}-{slug(op)}-{slug(mode)}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (pytest bench --benchmark-json FILE)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes (bench/results/)")
+    args = parser.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    if not data.get("benchmarks"):
+        print(f"{args.results}: no benchmark results (was the run made with --benchmark-disable?)", file=sys.stderr)
+        return 1
+    add_missing_speedups(data["benchmarks"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = device_slug(data)
+    raw = args.out / f"{stem}.json"
+    if raw.resolve() != args.results.resolve():
+        shutil.copyfile(args.results, raw)
+    table = markdown(data)
+    (args.out / f"{stem}.md").write_text(table)
+    plots = plot(data, args.out, stem)
+    print(table)
+    print(f"wrote {args.out / (stem + '.md')}, {raw} and {len(plots)} plots: "
+          + ", ".join(path.name for path in plots), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

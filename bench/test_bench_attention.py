@@ -1,0 +1,173 @@
+"""Attention, forward and forward+backward: fasttf's Triton kernel against what a user has today.
+
+One group per (mode, dtype, head dim, causal, sequence length); in each group:
+
+    fasttf                 fasttf.scaled_dot_product_attention (on CPU only under the Triton
+                           interpreter, at one tiny shape: the interpreter is not a speed path)
+    torch sdpa             F.scaled_dot_product_attention, torch's own choice of backend (the eager twin)
+    torch sdpa[math|flash|efficient|cudnn]   one backend forced with torch.nn.attention.sdpa_kernel
+    fasttf.reference       softmax(q k^T * scale) v, the plain-torch twin
+    torch MHA core         what nn.MultiheadAttention's default path (need_weights=True) runs between
+                           its projections: baddbmm, softmax, bmm, and the head-averaged weights
+    flash_attn             flash_attn.flash_attn_func, where the package is installed (CUDA)
+
+Shapes: on a GPU, L = S = 128 ... 16384 with N = 16384 / L sequences and H = 2048 / E heads (the
+tokens and the model width stay fixed, as in FlashAttention's own benchmarks), E = 64 and 128,
+float16 and bfloat16, causal and not. On the CPU, float32, E = 64, N = 2, H = 8, L = 128 ... 1024.
+TFLOP/s count 4·N·H·L·S·E for the forward, 3.5x that forward+backward, half when causal.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fasttf
+from fasttf import reference
+from harness import DEVICE, ON_GPU, TINY, attention_flops, dtype_name, forward_backward, interpreter_active, measure
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # not installed: its rows are left out
+    flash_attn_func = None
+
+# Implementations that materialise the L x S scores run up to this many score elements (N·H·L·S).
+MAX_MATERIALISED_SCORES = 2**31
+
+
+def shapes():
+    """(dtype, head_dim, causal, (N, H, L)) of every attention group on this device."""
+    if TINY:
+        dtype = torch.float16 if ON_GPU else torch.float32
+        return [(dtype, 16, causal, (1, 2, 16)) for causal in (False, True)]
+    if ON_GPU:
+        return [(dtype, head_dim, causal, (16384 // length, 2048 // head_dim, length))
+                for dtype in (torch.float16, torch.bfloat16) for head_dim in (64, 128) for causal in (False, True)
+                for length in (128, 256, 512, 1024, 2048, 4096, 8192, 16384)]
+    return [(torch.float32, 64, causal, (2, 8, length)) for causal in (False, True) for length in (128, 256, 512, 1024)]
+
+
+def interpreter_shapes():
+    """The one CPU shape where fasttf's kernel runs (under the Triton interpreter)."""
+    if ON_GPU or TINY:
+        return []
+    return [(torch.float32, 64, False, (1, 2, 128))]
+
+
+def sdpa_with(backend):
+    def attend(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return attend
+
+
+def mha_core(q, k, v, causal):
+    """nn.MultiheadAttention's need_weights=True path after the projections (per head, batched)."""
+    batch, heads, length_q, head_dim = q.shape
+    length_k = k.size(2)
+    q3 = q.reshape(batch * heads, length_q, head_dim) * (1.0 / math.sqrt(head_dim))
+    k3 = k.reshape(batch * heads, length_k, head_dim)
+    v3 = v.reshape(batch * heads, length_k, head_dim)
+    if causal:
+        mask = torch.full((length_q, length_k), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        weights = torch.baddbmm(mask, q3, k3.transpose(1, 2))
+    else:
+        weights = torch.bmm(q3, k3.transpose(1, 2))
+    weights = torch.softmax(weights, dim=-1)
+    out = torch.bmm(weights, v3)
+    weights.view(batch, heads, length_q, length_k).mean(dim=1)  # the averaged weights MHA returns
+    return out.view(batch, heads, length_q, head_dim)
+
+
+def implementations():
+    """(name, attend(q, k, v, causal), eager twin?, materialises scores?) for this device."""
+    impls = [
+        ("fasttf", lambda q, k, v, causal: fasttf.scaled_dot_product_attention(q, k, v, is_causal=causal), False,
+         False),
+        ("torch sdpa", lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal), True,
+         False),
+        ("torch sdpa[math]", sdpa_with(SDPBackend.MATH), False, True),
+        ("torch sdpa[flash]", sdpa_with(SDPBackend.FLASH_ATTENTION), False, False),
+    ]
+    if ON_GPU:
+        impls += [("torch sdpa[efficient]", sdpa_with(SDPBackend.EFFICIENT_ATTENTION), False, False),
+                  ("torch sdpa[cudnn]", sdpa_with(SDPBackend.CUDNN_ATTENTION), False, False)]
+    impls += [
+        ("fasttf.reference",
+         lambda q, k, v, causal: reference.scaled_dot_product_attention(q, k, v, is_causal=causal), False, True),
+        ("torch MHA core", mha_core, False, True),
+    ]
+    if flash_attn_func is not None and ON_GPU:
+        # flash_attn takes (N, L, H, E); the transposes are views, flash_attn copies if it must
+        impls.append(("flash_attn", lambda q, k, v, causal: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2), False, False))
+    return impls
+
+
+IMPLS = implementations()
+MODES = ("fwd", "fwd+bwd")
+
+
+def group_name(mode, dtype, head_dim, causal, batch, heads, length, label=""):
+    mask = "causal" if causal else "full"
+    return f"attention {mode} {dtype_name(dtype)} E={head_dim} {mask}{label}: L=S={length} N={batch} H={heads}"
+
+
+def run_attention(benchmark, mode, impl, shape, label=""):
+    name, attend, eager_twin, materialises = impl
+    dtype, head_dim, causal, (batch, heads, length) = shape
+    if materialises and batch * heads * length * length > MAX_MATERIALISED_SCORES:
+        pytest.skip(f"{name} materialises the {batch}x{heads}x{length}x{length} scores")
+    if name == "fasttf" and not ON_GPU and not TINY and not label:
+        pytest.skip("fasttf attention on the CPU runs only under the Triton interpreter (not a speed path): "
+                    "see the 'interpreter' group")
+    backward = mode == "fwd+bwd"
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def tensor():
+        return torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype, generator=generator,
+                           requires_grad=backward)
+
+    q, k, v = tensor(), tensor(), tensor()
+    if backward:
+        grad_out = torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype, generator=generator)
+        fn = forward_backward(lambda: attend(q, k, v, causal), (q, k, v), grad_out)
+    else:
+        def fn():
+            with torch.no_grad():
+                return attend(q, k, v, causal)
+    impl_name = f"{name} (interpreter)" if name == "fasttf" and not ON_GPU else name
+    measure(benchmark, fn, group=group_name(mode, dtype, head_dim, causal, batch, heads, length, label),
+            impl=impl_name, eager_twin=eager_twin, op="attention", mode=mode, dtype=dtype_name(dtype),
+            head_dim=head_dim, causal=causal, batch=batch, heads=heads, seq_len=length,
+            series=f"attention {mode} {dtype_name(dtype)} E={head_dim} {'causal' if causal else 'full'}{label}",
+            flops=attention_flops(batch, heads, length, length, head_dim, causal, backward))
+
+
+def shape_id(shape):
+    dtype, head_dim, causal, (batch, heads, length) = shape
+    return f"{dtype_name(dtype)}-E{head_dim}-{'causal' if causal else 'full'}-L{length}-N{batch}-H{heads}"
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=[impl[0] for impl in IMPLS])
+@pytest.mark.parametrize("shape", shapes(), ids=shape_id)
+@pytest.mark.parametrize("mode", MODES)
+def test_attention(benchmark, mode, shape, impl):
+    run_attention(benchmark, mode, impl, shape)
+
+
+INTERPRETER_IMPLS = [impl for impl in IMPLS if impl[0] in ("fasttf", "torch sdpa", "torch sdpa[math]",
+                                                           "fasttf.reference")]
+
+
+@pytest.mark.parametrize("impl", INTERPRETER_IMPLS, ids=[impl[0] for impl in INTERPRETER_IMPLS])
+@pytest.mark.parametrize("shape", interpreter_shapes(), ids=shape_id)
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_interpreter(benchmark, mode, shape, impl):
+    """fasttf's kernel under the Triton interpreter beside torch at the same tiny shape."""
+    if not interpreter_active():
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: fasttf attention on the CPU "
+                    "falls back to torch's SDPA")
+    run_attention(benchmark, mode, impl, shape, label=" (interpreter)")

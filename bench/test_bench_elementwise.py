@@ -1,0 +1,103 @@
+"""The extension's elementwise ops, forward and forward+backward, each against the eager twin a user
+writes today (the group's baseline for the speedup):
+
+    positional_encoding  fasttf.positional_encoding(x, scale=sqrt(D))   vs  x * sqrt(D) + pe[:T]  (pe cached)
+    residual_add         fasttf.residual_add(x, residual, dropout_p=p)  vs  residual + F.dropout(x, p)
+    add_layer_norm       fasttf.add_layer_norm(x, residual, w, b, dropout_p=p)
+                                                           vs  F.layer_norm(residual + F.dropout(x, p), (D,), w, b)
+
+GB/s count the op's minimum I/O in bytes, M = N·T·D elements of b bytes each:
+    positional_encoding  forward 2M·b (read x, write y); forward+backward 4M·b (+ read dy, write dx)
+    residual_add         forward 3M·b (read x, residual, write y); forward+backward 6M·b (+ read dy, write dx, dresidual)
+    add_layer_norm       forward 4M·b (read x, residual, write y, s); forward+backward 8M·b (+ read dy, s, write dx, dresidual)
+(dropout's keep-mask is not counted: fasttf regenerates it from a seed, eager torch writes and reads it).
+
+Shapes: CPU float32 (N, T, D) = (8, T, 512) for T = 128, 512, 2048 ((8, 512, 512) is issue 4's target:
+fasttf >= 1.5x eager forward, >= 1.2x forward+backward); GPU float32, float16, bfloat16 (8, T, 1024)
+for T = 512, 2048, 8192.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasttf
+from fasttf import reference
+from harness import DEVICE, ON_GPU, TINY, dtype_name, forward_backward, measure
+
+
+def shapes():
+    """(dtype, (N, T, D)) of every group on this device."""
+    if TINY:
+        return [(torch.float32, (2, 8, 16))]
+    if ON_GPU:
+        return [(dtype, (8, length, 1024)) for dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for length in (512, 2048, 8192)]
+    return [(torch.float32, (8, length, 512)) for length in (128, 512, 2048)]
+
+
+# (bytes forward, bytes forward+backward) in units of M·b
+IO_UNITS = {"positional_encoding": (2, 4), "residual_add": (3, 6), "add_layer_norm": (4, 8)}
+MODES = ("fwd", "fwd+bwd")
+
+
+def make_case(op, impl, dropout_p, dtype, shape, backward):
+    """(forward closure, differentiable inputs) for one op and implementation."""
+    batch, length, dim = shape
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def tensor(*size):
+        return torch.randn(*size, device=DEVICE, dtype=dtype, generator=generator, requires_grad=backward)
+
+    x = tensor(batch, length, dim)
+    if op == "positional_encoding":
+        scale = math.sqrt(dim)
+        if impl == "fasttf":
+            return (lambda: fasttf.positional_encoding(x, scale=scale)), (x,)
+        # what a user writes: a table computed once (here for the positions in use), then one fused line
+        pe = reference.sinusoid_table(torch.arange(length, device=DEVICE), dim).to(dtype)
+        return (lambda: x * scale + pe[:length]), (x,)
+    residual = tensor(batch, length, dim)
+    if op == "residual_add":
+        if impl == "fasttf":
+            return (lambda: fasttf.residual_add(x, residual, dropout_p=dropout_p)), (x, residual)
+        return (lambda: residual + F.dropout(x, dropout_p)), (x, residual)
+    weight = (1.0 + 0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
+    bias = (0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
+    inputs = (x, residual, weight, bias)
+    if impl == "fasttf":
+        return (lambda: fasttf.add_layer_norm(x, residual, weight, bias, dropout_p=dropout_p)[0]), inputs
+    return (lambda: F.layer_norm(residual + F.dropout(x, dropout_p), (dim,), weight, bias)), inputs
+
+
+CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
+         ("add_layer_norm", 0.1)]
+
+
+@pytest.mark.parametrize("impl", ("fasttf", "eager"))
+@pytest.mark.parametrize("shape", shapes(), ids=lambda s: f"{dtype_name(s[0])}-{'x'.join(map(str, s[1]))}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0] + (f"-p{c[1]}" if c[0] != "positional_encoding" else ""))
+@pytest.mark.parametrize("mode", MODES)
+def test_elementwise(benchmark, mode, case, shape, impl):
+    op, dropout_p = case
+    dtype, (batch, length, dim) = shape
+    backward = mode == "fwd+bwd"
+    forward, inputs = make_case(op, impl, dropout_p, dtype, (batch, length, dim), backward)
+    if backward:
+        generator = torch.Generator(device=DEVICE).manual_seed(1)
+        grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, generator=generator)
+        fn = forward_backward(forward, inputs, grad_out)
+    else:
+        def fn():
+            with torch.no_grad():
+                return forward()
+    variant = "" if op == "positional_encoding" else f" p={dropout_p}"
+    elements = batch * length * dim
+    units = IO_UNITS[op][1 if backward else 0]
+    measure(benchmark, fn, group=f"{op} {mode} {dtype_name(dtype)}{variant}: N={batch} T={length} D={dim}",
+            impl=impl if impl == "fasttf" else "eager torch", eager_twin=impl == "eager", op=op, mode=mode,
+            dtype=dtype_name(dtype), dropout_p=dropout_p, batch=batch, seq_len=length, dim=dim,
+            series=f"{op} {mode} {dtype_name(dtype)}{variant} D={dim}",
+            bytes_moved=units * elements * torch.finfo(dtype).bits // 8)

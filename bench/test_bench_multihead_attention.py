@@ -1,0 +1,62 @@
+"""The MultiheadAttention module, forward+backward (self-attention, batch_first, no mask):
+
+    fasttf.MultiheadAttention (need_weights=False: the fused kernel)
+    torch nn.MultiheadAttention, default call (need_weights=True: bmm + softmax + bmm)  (the eager twin)
+    torch nn.MultiheadAttention, need_weights=False (torch's SDPA path)
+
+Same weights in all three (fasttf.MultiheadAttention.from_torch). The backward reaches the input and
+every parameter. TFLOP/s count the attention only (4·N·H·L·S·E x3.5), not the projections, so they
+read as "attention work done per second" for the module.
+
+Shapes: GPU D = 1024, H = 16 (E = 64), N = 16384 / L, L = 512, 2048, 8192, float16 and bfloat16.
+CPU: fasttf's kernel runs only under the Triton interpreter, so one tiny shape, labelled so.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fasttf
+from harness import DEVICE, ON_GPU, TINY, attention_flops, dtype_name, interpreter_active, measure
+
+
+def shapes():
+    """(dtype, (N, L, D, H), label) of every group on this device."""
+    if TINY:
+        return [(torch.float16 if ON_GPU else torch.float32, (2, 16, 32, 2), "")]
+    if ON_GPU:
+        return [(dtype, (16384 // length, length, 1024, 16), "") for dtype in (torch.float16, torch.bfloat16)
+                for length in (512, 2048, 8192)]
+    return [(torch.float32, (1, 128, 128, 2), " (interpreter)")]
+
+
+IMPLS = (("fasttf", False), ("torch need_weights=True", True), ("torch need_weights=False", False))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=[impl[0] for impl in IMPLS])
+@pytest.mark.parametrize("shape", shapes(), ids=lambda s: f"{dtype_name(s[0])}-{'x'.join(map(str, s[1]))}")
+def test_multihead_attention(benchmark, shape, impl):
+    name, eager_twin = impl
+    dtype, (batch, length, dim, heads), label = shape
+    if label and name == "fasttf" and not interpreter_active():
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: fasttf attention on the CPU "
+                    "falls back to torch's SDPA")
+    torch.manual_seed(0)
+    torch_module = nn.MultiheadAttention(dim, heads, batch_first=True, device=DEVICE, dtype=dtype)
+    module = fasttf.MultiheadAttention.from_torch(torch_module) if name == "fasttf" else torch_module
+    need_weights = name == "torch need_weights=True"
+    x = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype)
+    inputs = (x, *module.parameters())
+
+    def fn():
+        out = module(x, x, x, need_weights=need_weights)[0]
+        return torch.autograd.grad(out, inputs, grad_out)
+
+    impl_name = f"{name} (interpreter)" if name == "fasttf" and not ON_GPU else name
+    measure(benchmark, fn, group=f"MultiheadAttention fwd+bwd {dtype_name(dtype)}{label}: N={batch} L={length} "
+                                 f"D={dim} H={heads}",
+            impl=impl_name, eager_twin=eager_twin, op="MultiheadAttention", mode="fwd+bwd", dtype=dtype_name(dtype),
+            batch=batch, seq_len=length, dim=dim, heads=heads,
+            series=f"MultiheadAttention fwd+bwd {dtype_name(dtype)} D={dim} H={heads}{label}",
+            flops=attention_flops(batch, heads, length, length, dim // heads, False, True))
