@@ -54,20 +54,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         pass
 
 
-def add_speedups(benchmarks):
-    """extra_info['speedup_vs_eager'] = eager twin's median / this median, per group; the twin is
-    the entry of the group with extra_info['eager_twin'] True (none: no speedup for that group)."""
-    twins = {}
-    for entry in benchmarks:
-        if entry["extra_info"].get("eager_twin"):
-            twins[entry["group"]] = entry
-    for entry in benchmarks:
-        twin = twins.get(entry["group"])
-        if twin is None:
-            continue
-        entry["extra_info"]["eager_twin_impl"] = twin["extra_info"]["impl"]
-        entry["extra_info"]["speedup_vs_eager"] = twin["stats"]["median"] / entry["stats"]["median"]
-
-
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    add_speedups(output_json["benchmarks"])
+    from report import add_speedups
+
+    add_speedups(output_json["benchmarks"])  # extra_info["speedup_vs_eager"], see report.py

@@ -12,7 +12,7 @@ writes, into DIR (default: bench/results/), files named after the device the run
     <device>.json               the raw pytest-benchmark JSON the report was made from
 
 and prints the Markdown. The speedup is the eager twin's median over the entry's median, both from
-the same run (conftest.py stores it; it is recomputed here for a JSON that lacks it).
+the same run (conftest.py stores it in the JSON with `add_speedups`; it is recomputed here the same way).
 """
 
 import argparse
@@ -68,11 +68,13 @@ def throughput(info: dict):
     return None, None
 
 
-def add_missing_speedups(benchmarks: list) -> None:
+def add_speedups(benchmarks: list) -> None:
+    """extra_info["speedup_vs_eager"] = the eager twin's median / this entry's median, per group (the
+    twin: the group's entry with extra_info["eager_twin"]; a group without one gets no speedup)."""
     twins = {entry["group"]: entry for entry in benchmarks if entry["extra_info"].get("eager_twin")}
     for entry in benchmarks:
         twin = twins.get(entry["group"])
-        if twin is not None and "speedup_vs_eager" not in entry["extra_info"]:
+        if twin is not None:
             entry["extra_info"]["eager_twin_impl"] = twin["extra_info"]["impl"]
             entry["extra_info"]["speedup_vs_eager"] = twin["stats"]["median"] / entry["stats"]["median"]
 
@@ -144,6 +146,9 @@ def plot(data: dict, out_dir: Path, stem: str) -> list[Path]:
         key = (extra.get("op", "?"), extra.get("mode", "?"))
         families[key][extra.get("series", entry["group"])][extra.get("impl", entry["name"])].append(
             (extra["seq_len"], value, unit))
+    all_impls = sorted({impl for series in families.values() for impls in series.values() for impl in impls})
+    palette = plt.get_cmap("tab10")
+    colours = {impl: palette(index % 10) for index, impl in enumerate(all_impls)}  # one colour per impl
     written = []
     for (op, mode), series in sorted(families.items()):
         panels = {name: impls for name, impls in series.items()
@@ -160,7 +165,9 @@ def plot(data: dict, out_dir: Path, stem: str) -> list[Path]:
             for impl, points in sorted(impls.items()):
                 points.sort()
                 units.update(point[2] for point in points)
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+                fasttf_row = impl.startswith("fasttf") and not impl.startswith("fasttf.reference")
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl,
+                          color=colours[impl], linewidth=2.5 if fasttf_row else 1.2)
             axis.set_xscale("log", base=2)
             axis.set_xlabel("sequence length")
             axis.set_ylabel(" / ".join(sorted(units)))
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
     if not data.get("benchmarks"):
         print(f"{args.results}: no benchmark results (was the run made with --benchmark-disable?)", file=sys.stderr)
         return 1
-    add_missing_speedups(data["benchmarks"])
+    add_speedups(data["benchmarks"])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = device_slug(data)
     raw = args.out / f"{stem}.json"

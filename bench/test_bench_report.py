@@ -1,0 +1,62 @@
+"""The report and the bookkeeping of the benchmarks, on a made-up pytest-benchmark JSON (no timing)."""
+
+import json
+
+import pytest
+
+import report
+from harness import attention_flops
+
+
+def entry(group, impl, median, eager_twin=False, **extra):
+    return {"group": group, "name": f"test[{impl}]", "stats": {"median": median},
+            "extra_info": {"impl": impl, "eager_twin": eager_twin, **extra}}
+
+
+def made_up_results():
+    benchmarks = []
+    for length, twin_median, fasttf_median in ((128, 2e-3, 1e-3), (256, 8e-3, 2e-3)):
+        group = f"attention fwd float16 E=64 full: L=S={length}"
+        flops = attention_flops(1, 2, length, length, 64, False, False)
+        common = dict(op="attention", mode="fwd", seq_len=length, series="attention fwd float16 E=64 full",
+                      flops=flops)
+        benchmarks.append(entry(group, "torch sdpa", twin_median, True, tflops=flops / twin_median / 1e12,
+                                peak_memory_bytes=3 * 2**20, **common))
+        benchmarks.append(entry(group, "fasttf", fasttf_median, tflops=flops / fasttf_median / 1e12,
+                                peak_memory_bytes=2**20, **common))
+    benchmarks.append(entry("residual_add fwd float32 p=0.0: N=8 T=512 D=512", "fasttf", 1e-4, op="residual_add",
+                            mode="fwd", seq_len=512, gbps=12.5))
+    return {"datetime": "2026-11-24T00:00:00", "benchmarks": benchmarks,
+            "machine_info": {"fasttf": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.13.0",
+                                        "triton_interpreter": False, "load_average_at_end": [0.5, 0.5, 0.5]}}}
+
+
+def test_attention_flops_follow_the_issue():
+    assert attention_flops(2, 3, 5, 7, 11, causal=False, backward=False) == 4 * 2 * 3 * 5 * 7 * 11
+    assert attention_flops(2, 3, 5, 7, 11, causal=False, backward=True) == 3.5 * 4 * 2 * 3 * 5 * 7 * 11
+    assert attention_flops(2, 3, 5, 7, 11, causal=True, backward=True) == 3.5 * 2 * 2 * 3 * 5 * 7 * 11
+
+
+def test_speedup_is_the_twins_median_over_the_entrys():
+    data = made_up_results()
+    report.add_speedups(data["benchmarks"])
+    by_key = {(b["group"], b["extra_info"]["impl"]): b["extra_info"] for b in data["benchmarks"]}
+    assert by_key[("attention fwd float16 E=64 full: L=S=128", "fasttf")]["speedup_vs_eager"] == pytest.approx(2.0)
+    assert by_key[("attention fwd float16 E=64 full: L=S=256", "fasttf")]["speedup_vs_eager"] == pytest.approx(4.0)
+    assert by_key[("attention fwd float16 E=64 full: L=S=256", "torch sdpa")]["speedup_vs_eager"] == 1.0
+    assert "speedup_vs_eager" not in by_key[("residual_add fwd float32 p=0.0: N=8 T=512 D=512", "fasttf")]
+
+
+def test_report_writes_table_plot_and_raw_json(tmp_path):
+    results = tmp_path / "latest.json"
+    results.write_text(json.dumps(made_up_results()))
+    assert report.main([str(results), "--out", str(tmp_path / "out")]) == 0
+    stem = "cuda-nvidia-h100-80gb-hbm3"
+    table = (tmp_path / "out" / f"{stem}.md").read_text()
+    # 4·1·2·256·256·64 = 33.6e6 flops in 2 ms = 16.8 GFLOP/s; 4x the twin; 1 MiB peak
+    assert "| attention fwd float16 E=64 full: L=S=256 | fasttf | 2 ms | 16.8 GFLOP/s | 4x | 1 MiB |" in table
+    assert "| **torch sdpa** | 8 ms |" in table
+    assert "| fasttf | 100 µs | 12.5 GB/s | – | – |" in table
+    assert (tmp_path / "out" / f"{stem}-attention-fwd.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / f"{stem}.json").read_text())["benchmarks"]
+    assert not (tmp_path / "out" / f"{stem}-residual-add-fwd.png").exists()  # one length: no plot
