@@ -10,6 +10,7 @@ collected, so it is turned into the environment variable here, before harness.py
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -52,9 +53,27 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["fasttf"]["triton"] = triton.__version__
     except ImportError:
         pass
+    if harness.ON_GPU:  # clocks are not locked by the suite (that needs root): record what they were
+        try:
+            query = ["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu",
+                     "--format=csv,noheader", f"--id={torch.cuda.current_device()}"]
+            machine_info["fasttf"]["gpu_clocks_at_end"] = subprocess.run(
+                query, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
+SKIPPED = []  # (test id, reason) of every entry that did not run: the report lists them
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call") and "/bench/" in f"/{report.nodeid}":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SKIPPED.append({"test": report.nodeid.split("::", 1)[-1], "reason": reason.removeprefix("Skipped: ")})
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     from report import add_speedups
 
     add_speedups(output_json["benchmarks"])  # extra_info["speedup_vs_eager"], see report.py
+    output_json["fasttf_skipped"] = SKIPPED

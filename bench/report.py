@@ -104,6 +104,8 @@ def markdown(data: dict) -> str:
         f"- run: {data.get('datetime', '?')}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
         f"{info.get('cpu_threads', '?')} torch threads; Triton interpreter: "
         f"{interpreter}",
+        *([f"- GPU clocks at the end (SM, max SM, memory, power limit, temperature; not locked): "
+           f"{info['gpu_clocks_at_end']}"] if info.get("gpu_clocks_at_end") else []),
         f"- load average at the end of the run: {', '.join(f'{x:.2f}' for x in info.get('load_average_at_end', []))}"
         + (" (a shared machine: timings are noisy)" if info.get("device") == "cpu" else ""),
         "- time: the median over the rounds; throughput: attention FLOP/s (4·N·H·L·S·E forward, x3.5 "
@@ -128,6 +130,14 @@ def markdown(data: dict) -> str:
                 "–" if speedup is None else f"{speedup:.3g}x",
                 f"{format_bytes(extra.get('peak_memory_bytes'))} |",
             ]))
+    skipped = data.get("fasttf_skipped", [])
+    if skipped:
+        lines += ["", f"Not measured in this run ({len(skipped)}):", ""]
+        reasons = defaultdict(list)
+        for item in skipped:
+            reasons[item["reason"]].append(item["test"])
+        for reason, tests in sorted(reasons.items(), key=lambda item: -len(item[1])):
+            lines.append(f"- {len(tests)} x {reason} (e.g. `{tests[0]}`)")
     return "\n".join(lines) + "\n"
 
 

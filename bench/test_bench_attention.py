@@ -2,8 +2,10 @@
 
 One group per (mode, dtype, head dim, causal, sequence length); in each group:
 
-    fasttf                 fasttf.scaled_dot_product_attention (on CPU only under the Triton
-                           interpreter, at one tiny shape: the interpreter is not a speed path)
+    fasttf                 fasttf.scaled_dot_product_attention; on the CPU its Triton kernel runs only
+                           under the Triton interpreter, which is not a speed path: at one tiny shape
+                           ("interpreter" groups); at the other CPU shapes the row is fasttf's CPU path
+                           without the interpreter, torch's SDPA behind fasttf's checks ("fallback")
     torch sdpa             F.scaled_dot_product_attention, torch's own choice of backend (the eager twin)
     torch sdpa[math|flash|efficient|cudnn]   one backend forced with torch.nn.attention.sdpa_kernel
     fasttf.reference       softmax(q k^T * scale) v, the plain-torch twin
@@ -115,14 +117,19 @@ def group_name(mode, dtype, head_dim, causal, batch, heads, length, label=""):
     return f"attention {mode} {dtype_name(dtype)} E={head_dim} {mask}{label}: L=S={length} N={batch} H={heads}"
 
 
-def run_attention(benchmark, mode, impl, shape, label=""):
+def run_attention(benchmark, monkeypatch, mode, impl, shape, label=""):
     name, attend, eager_twin, materialises = impl
     dtype, head_dim, causal, (batch, heads, length) = shape
     if materialises and batch * heads * length * length > MAX_MATERIALISED_SCORES:
         pytest.skip(f"{name} materialises the {batch}x{heads}x{length}x{length} scores")
-    if name == "fasttf" and not ON_GPU and not TINY and not label:
-        pytest.skip("fasttf attention on the CPU runs only under the Triton interpreter (not a speed path): "
-                    "see the 'interpreter' group")
+    impl_name = name
+    if name == "fasttf" and not ON_GPU:
+        if label or TINY:
+            impl_name = "fasttf (interpreter)" if interpreter_active() else "fasttf (torch SDPA fallback)"
+        else:  # what fasttf does on a CPU without TRITON_INTERPRET: its checks, then torch's SDPA
+            from fasttf.kernels import attention as kernels
+            monkeypatch.setattr(kernels, "INTERPRET", False)
+            impl_name = "fasttf (torch SDPA fallback)"
     backward = mode == "fwd+bwd"
     generator = torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -138,7 +145,6 @@ def run_attention(benchmark, mode, impl, shape, label=""):
         def fn():
             with torch.no_grad():
                 return attend(q, k, v, causal)
-    impl_name = f"{name} (interpreter)" if name == "fasttf" and not ON_GPU else name
     measure(benchmark, fn, group=group_name(mode, dtype, head_dim, causal, batch, heads, length, label),
             impl=impl_name, eager_twin=eager_twin, op="attention", mode=mode, dtype=dtype_name(dtype),
             head_dim=head_dim, causal=causal, batch=batch, heads=heads, seq_len=length,
@@ -154,8 +160,8 @@ def shape_id(shape):
 @pytest.mark.parametrize("impl", IMPLS, ids=[impl[0] for impl in IMPLS])
 @pytest.mark.parametrize("shape", shapes(), ids=shape_id)
 @pytest.mark.parametrize("mode", MODES)
-def test_attention(benchmark, mode, shape, impl):
-    run_attention(benchmark, mode, impl, shape)
+def test_attention(benchmark, monkeypatch, mode, shape, impl):
+    run_attention(benchmark, monkeypatch, mode, impl, shape)
 
 
 INTERPRETER_IMPLS = [impl for impl in IMPLS if impl[0] in ("fasttf", "torch sdpa", "torch sdpa[math]",
@@ -165,9 +171,9 @@ INTERPRETER_IMPLS = [impl for impl in IMPLS if impl[0] in ("fasttf", "torch sdpa
 @pytest.mark.parametrize("impl", INTERPRETER_IMPLS, ids=[impl[0] for impl in INTERPRETER_IMPLS])
 @pytest.mark.parametrize("shape", interpreter_shapes(), ids=shape_id)
 @pytest.mark.parametrize("mode", MODES)
-def test_attention_interpreter(benchmark, mode, shape, impl):
+def test_attention_interpreter(benchmark, monkeypatch, mode, shape, impl):
     """fasttf's kernel under the Triton interpreter beside torch at the same tiny shape."""
     if not interpreter_active():
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: fasttf attention on the CPU "
                     "falls back to torch's SDPA")
-    run_attention(benchmark, mode, impl, shape, label=" (interpreter)")
+    run_attention(benchmark, monkeypatch, mode, impl, shape, label=" (interpreter)")
