@@ -102,8 +102,16 @@ def _dropout_keep(seed, off_bh, offs_m, offs_n, L, S, dropout_p):
 
 
 @triton.jit
+def _dropout_keep_transposed(seed, off_bh, offs_m, offs_n, L, S, dropout_p):
+    """The same bits as _dropout_keep, laid out (BLOCK_N, BLOCK_M) for the dK/dV kernel."""
+    offsets = (off_bh.to(tl.int64) * L + offs_m[None, :].to(tl.int64)) * S + offs_n[:, None].to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND: tl.constexpr):
-    """The attention-mask tile (BLOCK_M, BLOCK_N): float values (log2 units) or the bool as int1."""
+    """The attention-mask tile (BLOCK_M, BLOCK_N): float values (log2 units) or the bool as int1.
+    Called with (offs_n, offs_m, stride_mn, stride_mm, S, L) it loads the transposed tile."""
     in_range = (offs_m[:, None] < L) & (offs_n[None, :] < S)
     ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
     if MASK_KIND == 2:
@@ -173,9 +181,9 @@ def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                           stride_mz, stride_mh, stride_mm, stride_mn,
                           stride_oz, stride_oh, stride_om, stride_oe,
                           H, GROUP, L, S, E, EV, qk_scale, dropout_p, dropout_scale, L_ROUNDED, S_ROUNDED,
-                          BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, CAUSAL: tl.constexpr,
-                          MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                          DOT_FP32: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, EVEN_E: tl.constexpr, EVEN_EV: tl.constexpr,
+                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -211,12 +219,12 @@ def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                                offs_m, offs_e, offs_ev, 0, full_end, L, S, E, EV, qk_scale, dropout_p,
                                dropout_scale, BLOCK_N, False, CAUSAL, MASK_KIND, DROPOUT,
-                               BLOCK_E == E, BLOCK_EV == EV, INPUT_PRECISION, DOT_FP32)
+                               EVEN_E, EVEN_EV, INPUT_PRECISION, DOT_FP32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, off_bh,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                                offs_m, offs_e, offs_ev, full_end, end, L, S, E, EV, qk_scale, dropout_p,
                                dropout_scale, BLOCK_N, True, CAUSAL, MASK_KIND, DROPOUT,
-                               BLOCK_E == E, BLOCK_EV == EV, INPUT_PRECISION, DOT_FP32)
+                               EVEN_E, EVEN_EV, INPUT_PRECISION, DOT_FP32)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -269,16 +277,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_ba
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         st = _dot(k, tl.trans(q), None, DOT_FP32, INPUT_PRECISION) * qk_scale
         if MASK_KIND == 2:
-            st += tl.trans(_load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND))
+            st += _load_mask_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, S, L, MASK_KIND)  # transposed
         pt = tl.math.exp2(st - lse[None, :])
         if MASK_KIND == 1:
-            pt = tl.where(tl.trans(_load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S,
-                                                   MASK_KIND)), pt, 0.0)
+            pt = tl.where(_load_mask_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, S, L, MASK_KIND), pt, 0.0)
         if APPLY_CAUSAL:
             pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
         dpt = _dot(v, tl.trans(do), None, DOT_FP32, INPUT_PRECISION)
         if DROPOUT:
-            keep = tl.trans(_dropout_keep(seed, off_bh, offs_m, offs_n, L, S, dropout_p))
+            keep = _dropout_keep_transposed(seed, off_bh, offs_m, offs_n, L, S, dropout_p)
             pdt = tl.where(keep, pt * dropout_scale, 0.0)
             dpt = tl.where(keep, dpt * dropout_scale, 0.0)
         else:
@@ -301,9 +308,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dK, dV,
                                stride_dvz, stride_dvh, stride_dvn, stride_dve,
                                H, HKV, GROUP, L, S, E, EV, qk_scale, scale, dropout_p, dropout_scale,
                                L_ROUNDED, S_ROUNDED,
-                               BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, CAUSAL: tl.constexpr,
-                               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                          DOT_FP32: tl.constexpr,
+                               BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, EVEN_E: tl.constexpr,
+                               EVEN_EV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bkv = tl.program_id(1)
@@ -365,14 +372,24 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, seed, off_bh
                   stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                   offs_m, offs_e, offs_ev, lo, hi, L, S, E, EV, qk_scale, dropout_p, dropout_scale,
                   BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+                  DROPOUT: tl.constexpr, EVEN_E: tl.constexpr, EVEN_EV: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke,
-                    mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_ev[:, None] * stride_ve,
-                     mask=key_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke
+        vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_ev[:, None] * stride_ve  # V^T tile (Ev, N)
+        if BOUNDARY:
+            k = tl.load(k_ptrs, mask=(offs_n[:, None] < S) & (offs_e[None, :] < E), other=0.0)
+            vt = tl.load(vt_ptrs, mask=(offs_n[None, :] < S) & (offs_ev[:, None] < EV), other=0.0)
+        else:
+            if EVEN_E:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_e[None, :] < E, other=0.0)
+            if EVEN_EV:
+                vt = tl.load(vt_ptrs)
+            else:
+                vt = tl.load(vt_ptrs, mask=offs_ev[:, None] < EV, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_FP32, INPUT_PRECISION) * qk_scale
         if MASK_KIND == 2:
             s += _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
@@ -381,7 +398,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, seed, off_bh
             p = tl.where(_load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND),
                          p, 0.0)
         if BOUNDARY:
-            allowed = key_ok[None, :]
+            allowed = offs_n[None, :] < S
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(allowed, p, 0.0)
@@ -405,9 +422,9 @@ def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dQ,
                              stride_dqz, stride_dqh, stride_dqm, stride_dqe,
                              H, GROUP, L, S, E, EV, qk_scale, scale, dropout_p, dropout_scale,
                              L_ROUNDED, S_ROUNDED,
-                             BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, CAUSAL: tl.constexpr,
-                             MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                          DOT_FP32: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, EVEN_E: tl.constexpr, EVEN_EV: tl.constexpr,
+                             CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                             INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -444,11 +461,13 @@ def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dQ,
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, seed, off_bh,
                        stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                        offs_m, offs_e, offs_ev, 0, full_end, L, S, E, EV, qk_scale, dropout_p, dropout_scale,
-                       BLOCK_N, False, CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, DOT_FP32)
+                       BLOCK_N, False, CAUSAL, MASK_KIND, DROPOUT, EVEN_E, EVEN_EV,
+                       INPUT_PRECISION, DOT_FP32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, seed, off_bh,
                        stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                        offs_m, offs_e, offs_ev, full_end, end, L, S, E, EV, qk_scale, dropout_p, dropout_scale,
-                       BLOCK_N, True, CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, DOT_FP32)
+                       BLOCK_N, True, CAUSAL, MASK_KIND, DROPOUT, EVEN_E, EVEN_EV,
+                       INPUT_PRECISION, DOT_FP32)
     dq = dq * scale
     tl.store(dQ + off_b.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
              + offs_m[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
@@ -519,7 +538,8 @@ def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed
         heads, heads // heads_kv, length_q, length_k, head_dim, value_dim,
         scale * LOG2E, dropout_p, dropout_scale,
         triton.next_power_of_2(length_q), triton.next_power_of_2(length_k),
-        BLOCK_E=_padded_dim(head_dim), BLOCK_EV=_padded_dim(value_dim), CAUSAL=is_causal,
+        BLOCK_E=_padded_dim(head_dim), BLOCK_EV=_padded_dim(value_dim), EVEN_E=_padded_dim(head_dim) == head_dim,
+        EVEN_EV=_padded_dim(value_dim) == value_dim, CAUSAL=is_causal,
         MASK_KIND=mask_kind, DROPOUT=dropout, INPUT_PRECISION=_input_precision(query.dtype),
         DOT_FP32=_dot_in_fp32(query.dtype))
     return out, lse
@@ -539,7 +559,8 @@ def attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p, i
     block_e, block_ev = _padded_dim(head_dim), _padded_dim(value_dim)
     group = heads // heads_kv
     lengths_rounded = (triton.next_power_of_2(length_q), triton.next_power_of_2(length_k))
-    constants = dict(BLOCK_E=block_e, BLOCK_EV=block_ev, CAUSAL=is_causal, MASK_KIND=mask_kind,
+    constants = dict(BLOCK_E=block_e, BLOCK_EV=block_ev, EVEN_E=block_e == head_dim, EVEN_EV=block_ev == value_dim,
+                     CAUSAL=is_causal, MASK_KIND=mask_kind,
                      DROPOUT=dropout, INPUT_PRECISION=_input_precision(query.dtype),
                      DOT_FP32=_dot_in_fp32(query.dtype))
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fasttf
 from fasttf import reference
+from fasttf import _fallback as fallback
 from fasttf._fallback import FallbackError
 from fasttf.kernels import attention as kernels
 from fasttf.ops import attention as attention_op
@@ -53,7 +54,7 @@ def torch_style_mask(attn_mask, is_causal, query, key):
         return None, is_causal
     attn_mask = attn_mask.expand(*query.shape[:-1], key.size(-2))
     if is_causal:
-        causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool).tril()
+        causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
         attn_mask = attn_mask & causal if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, -math.inf)
     return attn_mask, False
 
@@ -322,10 +323,37 @@ def test_float64_falls_back_to_the_reference():
 
 def test_float64_without_strict_matches_reference(monkeypatch):
     monkeypatch.delenv("FASTTF_STRICT")
+    monkeypatch.setattr(fallback, "_warned", set())  # each warning once per process: reset
     query, key, value = make_inputs(1, 2, 5, 6, 8, dtype=torch.float64)
     with pytest.warns(UserWarning, match="dtype"):
         out = fasttf.scaled_dot_product_attention(query, key, value, is_causal=True)
     torch.testing.assert_close(out, reference.scaled_dot_product_attention(query, key, value, is_causal=True))
+
+
+def test_mask_that_requires_grad_falls_back(monkeypatch):
+    query, key, value = make_inputs(1, 2, 5, 6, 8)
+    mask = torch.randn(5, 6, requires_grad=True)
+    with pytest.raises(FallbackError, match="attn_mask requires grad"):
+        fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    monkeypatch.delenv("FASTTF_STRICT")
+    monkeypatch.setattr(fallback, "_warned", set())  # each warning once per process: reset
+    with pytest.warns(UserWarning, match="attn_mask"):
+        fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=True).sum().backward()
+    expected = torch.autograd.grad(reference.scaled_dot_product_attention(query, key, value, mask, is_causal=True)
+                                   .sum(), mask)[0]
+    torch.testing.assert_close(mask.grad, expected)
+
+
+def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    query, key, value = make_inputs(1, 2, 5, 6, 8)
+    with pytest.raises(FallbackError, match="TRITON_INTERPRET"):
+        fasttf.scaled_dot_product_attention(query, key, value)
+    monkeypatch.delenv("FASTTF_STRICT")
+    monkeypatch.setattr(fallback, "_warned", set())  # each warning once per process: reset
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET"):
+        out = fasttf.scaled_dot_product_attention(query, key, value, attn_mask=torch.ones(6, dtype=torch.bool))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(query, key, value))
 
 
 def test_head_dim_above_256_falls_back():

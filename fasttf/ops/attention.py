@@ -178,6 +178,21 @@ def _fallback_reason(query: Tensor) -> str | None:
     return None
 
 
+def _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The fallback: torch's own SDPA where it takes the call as it is (kernel dtypes, no mask with
+    is_causal, no mask gradient), else fasttf.reference, which takes everything."""
+    torch_takes_it = (query.dtype in KERNEL_DTYPES and not (attn_mask is not None and is_causal)
+                      and not (attn_mask is not None and attn_mask.requires_grad))
+    if torch_takes_it:
+        if attn_mask is not None:  # a view: torch's CPU SDPA trips on masks of fewer dims
+            attn_mask = attn_mask.expand(*query.shape[:-1], key.size(-2))
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa)
+    return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                  enable_gqa)
+
+
 # ----------------------------------------------------------------------------------------------
 # The public function
 
@@ -190,7 +205,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Bool mask True = attend, float mask added; any shape broadcastable to (N, H, L, S). is_causal is
     top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
-    query, key and value (not in a float attn_mask).
+    query, key and value; a float attn_mask that requires grad takes the plain-torch path.
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if scale is None:
@@ -199,14 +214,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     reason = _fallback_reason(query)
     if reason is None and head_dim > MAX_HEAD_DIM:
         reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    if reason is None and attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        reason = "attn_mask requires grad (the kernel gives no gradient for the mask)"
     if reason is not None:
         fall_back(OP, reason)
-        if query.dtype in KERNEL_DTYPES:  # the device or the head dim: torch's own SDPA does it well
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                enable_gqa=enable_gqa)
-        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                      enable_gqa)
+        return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     batched = query.dim() == 4
     if not batched:
