@@ -609,3 +609,33 @@ def test_functional_matches_torch(variant, need_weights):
     assert (actual[1] is None) == (expected[1] is None) == (not need_weights)
     if need_weights:
         torch.testing.assert_close(actual[1], expected[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Half precision and torch.compile
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_kernel(dtype, kernel_calls):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+    ours = fasttf.MultiheadAttention.from_torch(theirs).to(dtype)
+    baseline = nn.MultiheadAttention(16, 2, batch_first=True, dtype=dtype)
+    baseline.load_state_dict(ours.state_dict())
+    x, padding = torch.randn(2, 7, 16, dtype=torch.float64), torch.rand(2, 7) < 0.3
+    padding[:, 0] = False
+    output = ours(*(x.to(dtype),) * 3, key_padding_mask=padding, need_weights=False)[0]
+    assert output.dtype == dtype and len(kernel_calls) == 1
+    assert_close_to_reference(output, theirs(x, x, x, key_padding_mask=padding, need_weights=False)[0],
+                              baseline(*(x.to(dtype),) * 3, key_padding_mask=padding, need_weights=False)[0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_torch_compile_takes_the_module_whole():
+    torch.manual_seed(0)
+    mha = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    compiled = torch.compile(lambda a: mha(a, a, a, attn_mask=mask, is_causal=True, need_weights=False)[0],
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), mha(x, x, x, attn_mask=mask, need_weights=False)[0])
