@@ -41,7 +41,7 @@ BUDGET_S = float(os.environ.get("FASTTF_BENCH_BUDGET_S", "0.4" if ON_GPU else "0
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
 # On a GPU a round lasts at least this long (k calls, one sync), so the sync is a small fraction.
 MIN_ROUND_S = 1e-3 if ON_GPU else 0.0
-WARMUP_CALLS = 3 if ON_GPU else 1
+WARMUP_CALLS = 3 if ON_GPU else 0  # beyond the first call (call_or_skip) and the calibration call
 
 
 def interpreter_active() -> bool:
@@ -171,7 +171,8 @@ def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, f
             # pytest-benchmark reads this timer before and after each round of `iterations` calls.
             benchmark._timer = synced_perf_counter
         iterations = max(1, math.ceil(MIN_ROUND_S / one_call))
-        rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / (one_call * iterations))))
+        min_rounds = MIN_ROUNDS if one_call < 0.5 else 3  # the Triton interpreter: seconds a call
+        rounds = int(min(MAX_ROUNDS, max(min_rounds, BUDGET_S / (one_call * iterations))))
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
 
     median = benchmark.stats.stats.median

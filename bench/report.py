@@ -74,9 +74,16 @@ def add_speedups(benchmarks: list) -> None:
     twins = {entry["group"]: entry for entry in benchmarks if entry["extra_info"].get("eager_twin")}
     for entry in benchmarks:
         twin = twins.get(entry["group"])
-        if twin is not None:
+        if twin is not None and not entry["extra_info"].get("bandwidth_reference"):
             entry["extra_info"]["eager_twin_impl"] = twin["extra_info"]["impl"]
             entry["extra_info"]["speedup_vs_eager"] = twin["stats"]["median"] / entry["stats"]["median"]
+    # elementwise groups: GB/s as a fraction of the device copy's GB/s in the same group
+    copies = {entry["group"]: entry for entry in benchmarks
+              if entry["extra_info"].get("bandwidth_reference") and "gbps" in entry["extra_info"]}
+    for entry in benchmarks:
+        copy = copies.get(entry["group"])
+        if copy is not None and "gbps" in entry["extra_info"]:
+            entry["extra_info"]["fraction_of_copy_bandwidth"] = entry["extra_info"]["gbps"] / copy["extra_info"]["gbps"]
 
 
 OP_ORDER = ("attention", "MultiheadAttention", "positional_encoding", "residual_add", "add_layer_norm",
@@ -109,7 +116,8 @@ def markdown(data: dict) -> str:
         f"- load average at the end of the run: {', '.join(f'{x:.2f}' for x in info.get('load_average_at_end', []))}"
         + (" (a shared machine: timings are noisy)" if info.get("device") == "cpu" else ""),
         "- time: the median over the rounds; throughput: attention FLOP/s (4·N·H·L·S·E forward, x3.5 "
-        "forward+backward, /2 causal), elementwise GB/s (bytes read + written), training step tokens/s; "
+        "forward+backward, /2 causal), elementwise GB/s (bytes read + written; \"% of copy\": of `out.copy_(x)`'s "
+        "GB/s in the same group), training step tokens/s; "
         "speedup: the eager twin's median / this median, same run (**bold** = the twin); peak memory: bytes "
         "allocated at the peak of one call beyond the inputs (CUDA: max_memory_allocated; CPU: torch's CPU "
         "allocator, replayed from torch.profiler's allocation events).",
@@ -126,7 +134,9 @@ def markdown(data: dict) -> str:
                                                                                                        entry["name"])
             lines.append(" | ".join([
                 "| " + entry["group"].replace("|", "\\|"), impl, format_time(entry["stats"]["median"]),
-                "–" if value is None else f"{value:.3g} {unit}",
+                ("–" if value is None else f"{value:.3g} {unit}")
+                + (f" ({extra['fraction_of_copy_bandwidth']:.0%} of copy)"
+                   if "fraction_of_copy_bandwidth" in extra and not extra.get("bandwidth_reference") else ""),
                 "–" if speedup is None else f"{speedup:.3g}x",
                 f"{format_bytes(extra.get('peak_memory_bytes'))} |",
             ]))

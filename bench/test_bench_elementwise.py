@@ -11,6 +11,9 @@ GB/s count the op's minimum I/O in bytes, M = N·T·D elements of b bytes each:
     residual_add         forward 3M·b (read x, residual, write y); forward+backward 6M·b (+ read dy, write dx, dresidual)
     add_layer_norm       forward 4M·b (read x, residual, write y, s); forward+backward 8M·b (+ read dy, s, write dx, dresidual)
 (dropout's keep-mask is not counted: fasttf regenerates it from a seed, eager torch writes and reads it).
+Each group also times `out.copy_(x)` of one (N, T, D) tensor (2M·b bytes): the bandwidth a memory-bound
+op can reach on this device, measured in the same run (issue 4's GPU target: >= 85% of it); the
+report gives every entry's GB/s as a fraction of it.
 
 Shapes: CPU float32 (N, T, D) = (8, T, 512) for T = 128, 512, 2048 ((8, 512, 512) is issue 4's target:
 fasttf >= 1.5x eager forward, >= 1.2x forward+backward); GPU float32, float16, bfloat16 (8, T, 1024)
@@ -76,7 +79,7 @@ CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0
          ("add_layer_norm", 0.1)]
 
 
-@pytest.mark.parametrize("impl", ("fasttf", "eager"))
+@pytest.mark.parametrize("impl", ("fasttf", "eager", "copy"))
 @pytest.mark.parametrize("shape", shapes(), ids=lambda s: f"{dtype_name(s[0])}-{'x'.join(map(str, s[1]))}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0] + (f"-p{c[1]}" if c[0] != "positional_encoding" else ""))
 @pytest.mark.parametrize("mode", MODES)
@@ -84,6 +87,18 @@ def test_elementwise(benchmark, mode, case, shape, impl):
     op, dropout_p = case
     dtype, (batch, length, dim) = shape
     backward = mode == "fwd+bwd"
+    variant = "" if op == "positional_encoding" else f" p={dropout_p}"
+    elements = batch * length * dim
+    element_size = torch.finfo(dtype).bits // 8
+    group = f"{op} {mode} {dtype_name(dtype)}{variant}: N={batch} T={length} D={dim}"
+    series = f"{op} {mode} {dtype_name(dtype)}{variant} D={dim}"
+    if impl == "copy":  # the bandwidth a memory-bound op can reach: out.copy_(x), 2M·b bytes
+        source = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype)
+        target = torch.empty_like(source)
+        measure(benchmark, lambda: target.copy_(source), group=group, impl="device copy (bandwidth reference)",
+                bandwidth_reference=True, op=op, mode=mode, dtype=dtype_name(dtype), dropout_p=dropout_p,
+                batch=batch, seq_len=length, dim=dim, series=series, bytes_moved=2 * elements * element_size)
+        return
     forward, inputs = make_case(op, impl, dropout_p, dtype, (batch, length, dim), backward)
     if backward:
         generator = torch.Generator(device=DEVICE).manual_seed(1)
@@ -93,11 +108,7 @@ def test_elementwise(benchmark, mode, case, shape, impl):
         def fn():
             with torch.no_grad():
                 return forward()
-    variant = "" if op == "positional_encoding" else f" p={dropout_p}"
-    elements = batch * length * dim
     units = IO_UNITS[op][1 if backward else 0]
-    measure(benchmark, fn, group=f"{op} {mode} {dtype_name(dtype)}{variant}: N={batch} T={length} D={dim}",
-            impl=impl if impl == "fasttf" else "eager torch", eager_twin=impl == "eager", op=op, mode=mode,
-            dtype=dtype_name(dtype), dropout_p=dropout_p, batch=batch, seq_len=length, dim=dim,
-            series=f"{op} {mode} {dtype_name(dtype)}{variant} D={dim}",
-            bytes_moved=units * elements * torch.finfo(dtype).bits // 8)
+    measure(benchmark, fn, group=group, impl=impl if impl == "fasttf" else "eager torch", eager_twin=impl == "eager",
+            op=op, mode=mode, dtype=dtype_name(dtype), dropout_p=dropout_p, batch=batch, seq_len=length, dim=dim,
+            series=series, bytes_moved=units * elements * element_size)

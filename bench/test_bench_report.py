@@ -24,8 +24,10 @@ def made_up_results():
                                 peak_memory_bytes=3 * 2**20, **common))
         benchmarks.append(entry(group, "fasttf", fasttf_median, tflops=flops / fasttf_median / 1e12,
                                 peak_memory_bytes=2**20, **common))
-    benchmarks.append(entry("residual_add fwd float32 p=0.0: N=8 T=512 D=512", "fasttf", 1e-4, op="residual_add",
-                            mode="fwd", seq_len=512, gbps=12.5))
+    elementwise = "residual_add fwd float32 p=0.0: N=8 T=512 D=512"
+    benchmarks.append(entry(elementwise, "fasttf", 1e-4, op="residual_add", mode="fwd", seq_len=512, gbps=12.5))
+    benchmarks.append(entry(elementwise, "device copy", 0.5e-4, bandwidth_reference=True, op="residual_add",
+                            mode="fwd", seq_len=512, gbps=50.0))
     return {"datetime": "2026-11-24T00:00:00", "benchmarks": benchmarks,
             "machine_info": {"fasttf": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.13.0",
                                         "triton_interpreter": False, "load_average_at_end": [0.5, 0.5, 0.5]}}}
@@ -56,7 +58,8 @@ def test_report_writes_table_plot_and_raw_json(tmp_path):
     # 4·1·2·256·256·64 = 33.6e6 flops in 2 ms = 16.8 GFLOP/s; 4x the twin; 1 MiB peak
     assert "| attention fwd float16 E=64 full: L=S=256 | fasttf | 2 ms | 16.8 GFLOP/s | 4x | 1 MiB |" in table
     assert "| **torch sdpa** | 8 ms |" in table
-    assert "| fasttf | 100 µs | 12.5 GB/s | – | – |" in table
+    assert "| fasttf | 100 µs | 12.5 GB/s (25% of copy) | – | – |" in table
+    assert "| device copy | 50 µs | 50 GB/s | – | – |" in table
     assert (tmp_path / "out" / f"{stem}-attention-fwd.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / f"{stem}.json").read_text())["benchmarks"]
     assert not (tmp_path / "out" / f"{stem}-residual-add-fwd.png").exists()  # one length: no plot
