@@ -21,9 +21,9 @@ Where the attention itself runs:
   what torch's own `need_weights=True` costs: it materialises the `(N, num_heads, L, S)` scores
   and probabilities (and their gradients in backward), O(N * num_heads * L * S) memory, where the
   kernel keeps O(N * num_heads * L) (the log-sum-exp). Ask for weights only when you use them.
-- A float mask that requires grad (e.g. a learned relative-position bias) takes the plain path
-  through `fall_back()` (so FASTTF_STRICT=1 makes it an error): the kernel gives no gradient
-  for the mask.
+- A float mask that requires grad (e.g. a learned relative-position bias): the kernel gives no
+  gradient for a mask, so the attention op itself falls back to plain torch, through `fall_back()`
+  (FASTTF_STRICT=1 makes it an error). So does a dtype the kernel lacks (float64).
 
 Fully masked rows (a query whose every key is masked): torch's `need_weights=True` path returns
 NaN there (softmax over nothing); fasttf returns what torch's SDPA path (`need_weights=False`)
@@ -44,11 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fasttf._fallback import fall_back
 from fasttf.ops import attention as _attention_op  # looked up at call time: tests can spy on it
-
-_OP = "multi_head_attention_forward"
-
 
 # ----------------------------------------------------------------------------------------------
 # Masks. Inside this file a mask stays in torch MHA's convention (bool True = masked, float =
@@ -116,10 +112,6 @@ def _attention_with_weights(q, k, v, mask, dropout_p, is_causal):
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v, weights
-
-
-def _mask_needs_grad(*masks: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(mask is not None and mask.requires_grad for mask in masks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,10 +273,7 @@ def multi_head_attention_forward(
 
     if need_weights:  # by design: weights must exist; not a fallback
         heads, weights = _attention_with_weights(q, k, v, mask, dropout_p, is_causal)
-    elif _mask_needs_grad(attn_mask, key_padding_mask):
-        fall_back(_OP, "a float mask requires grad and the fused kernel gives no gradient for the mask")
-        heads, weights = _attention_with_weights(q, k, v, mask, dropout_p, is_causal)[0], None
-    else:
+    else:  # the fused kernel (which itself falls back, visibly, for what it cannot do)
         heads = _attention_op.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                            is_causal=is_causal)
         weights = None
