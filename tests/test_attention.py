@@ -63,7 +63,7 @@ def check_against_reference(query, key, value, attn_mask=None, is_causal=False, 
                             dropout_p=0.0, dropout_mask=None, run=None):
     """The kernel's output and gradients vs float64 reference, judged against torch's SDPA error."""
     generator = torch.Generator().manual_seed(1)
-    inputs = [t.detach().clone().requires_grad_() for t in (query, key, value)]
+    inputs = [t.detach().requires_grad_() for t in (query, key, value)]  # same storage and strides
     run = run or (lambda q, k, v: fasttf.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
     out = run(*inputs)
@@ -204,7 +204,7 @@ def test_causal_with_mask_that_empties_a_whole_block_of_rows():
 # Strides: the views multi-head attention makes, and GQA without repeating K/V
 
 
-def test_non_contiguous_views_as_multihead_attention_makes():
+def test_non_contiguous_views_as_multihead_attention_makes(monkeypatch):
     batch, length, heads, head_dim = 2, 21, 3, 8
     generator = torch.Generator().manual_seed(0)
     packed = torch.randn(length, batch, 3 * heads * head_dim, generator=generator)  # (L, N, 3 D) in-projection
@@ -213,7 +213,14 @@ def test_non_contiguous_views_as_multihead_attention_makes():
         return x.view(length, batch, heads, head_dim).permute(1, 2, 0, 3)
 
     query, key, value = (split_heads(part) for part in packed.chunk(3, dim=-1))
-    assert not query.is_contiguous() and query.data_ptr() != 0
+    assert not query.is_contiguous()
+    seen = []
+    launch = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda q, k, v, *args: seen.append((q, k, v)) or
+                        launch(q, k, v, *args))
+    fasttf.scaled_dot_product_attention(query, key, value)
+    for given, passed in zip((query, key, value), seen[0]):  # the kernel read the views themselves
+        assert passed.data_ptr() == given.data_ptr() and passed.stride() == given.stride()
     check_against_reference(query, key, value)
     check_against_reference(query, key, value, is_causal=True)
     transposed_mask = (torch.rand(length, length, generator=generator) > 0.3).t()
