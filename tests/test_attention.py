@@ -134,6 +134,16 @@ def test_half_precision(dtype, is_causal):
     check_against_reference(query, key, value, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_with_masks_and_gqa(dtype):
+    query, key, value = make_inputs(1, 4, 19, 33, 24, 8, heads_kv=2, dtype=dtype)
+    generator = torch.Generator().manual_seed(5)
+    float_mask = torch.randn(1, 4, 1, 33, generator=generator).to(dtype)
+    check_against_reference(query, key, value, attn_mask=float_mask, enable_gqa=True)
+    check_against_reference(query, key, value, attn_mask=torch.rand(19, 33, generator=generator) > 0.3,
+                            is_causal=True, enable_gqa=True)
+
+
 def test_scale():
     query, key, value = make_inputs(1, 2, 17, 18, 8)
     check_against_reference(query, key, value, scale=0.9)
