@@ -186,9 +186,9 @@ def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                           INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * H + off_h
     off_hkv = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
@@ -245,9 +245,9 @@ def _attention_bwd_rowdot_kernel(Out, dOut, Delta, H, L, EV,
                                  stride_dz, stride_dh, stride_dm, stride_de,
                                  BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
     """D_i = sum_e dO_ie O_ie for one block of rows."""
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * H + off_h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ev = tl.arange(0, BLOCK_EV)
     in_range = (offs_m[:, None] < L) & (offs_ev[None, :] < EV)
@@ -306,16 +306,15 @@ def _attention_bwd_dkdv_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dK, dV,
                                stride_doz, stride_doh, stride_dom, stride_doe,
                                stride_dkz, stride_dkh, stride_dkn, stride_dke,
                                stride_dvz, stride_dvh, stride_dvn, stride_dve,
-                               H, HKV, GROUP, L, S, E, EV, qk_scale, scale, dropout_p, dropout_scale,
+                               H, GROUP, L, S, E, EV, qk_scale, scale, dropout_p, dropout_scale,
                                L_ROUNDED, S_ROUNDED,
                                BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, EVEN_E: tl.constexpr,
                                EVEN_EV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                                DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    off_bkv = tl.program_id(1)
-    off_b = off_bkv // HKV
-    off_hkv = off_bkv % HKV
+    off_hkv = tl.program_id(1)
+    off_b = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -427,9 +426,9 @@ def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dQ,
                              INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * H + off_h
     off_hkv = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
@@ -478,7 +477,7 @@ def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, Lse, Delta, dQ,
 def _dropout_keep_mask_kernel(Seed, Keep, H, L, S, dropout_p,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep bits the attention kernels draw, for tests: Keep (N*H, L, S) uint8."""
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(2) * H + tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     seed = tl.load(Seed)
     for start_n in range(0, S, BLOCK_N):
@@ -491,6 +490,7 @@ def _dropout_keep_mask_kernel(Seed, Keep, H, L, S, dropout_p,
 # ----------------------------------------------------------------------------------------------
 # Launchers. Inputs are 4-D views (N, H, L, E) with any strides; `mask` is already expanded (a
 # stride-0 view, never a copy) to (N, H, L, S) or None; `seed` an int64 tensor of one element.
+# Grids are (blocks, heads, batch): each axis stays within CUDA's limits (65535 on axes 1 and 2).
 
 
 def _input_precision(dtype):
@@ -530,7 +530,7 @@ def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed
     seed_ptr, dropout, dropout_scale = _dropout_args(dropout_p, seed, query)
 
     def grid(meta):
-        return (triton.cdiv(length_q, meta["BLOCK_M"]), batch * heads)
+        return (triton.cdiv(length_q, meta["BLOCK_M"]), heads, batch)
 
     _attention_fwd_kernel[grid](
         query, key, value, mask_ptr, seed_ptr, out, lse,
@@ -566,17 +566,17 @@ def attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p, i
 
     delta = torch.empty((batch, heads, length_q), dtype=torch.float32, device=query.device)
     rowdot_block = 16 if INTERPRET else 64
-    _attention_bwd_rowdot_kernel[(triton.cdiv(length_q, rowdot_block), batch * heads)](
+    _attention_bwd_rowdot_kernel[(triton.cdiv(length_q, rowdot_block), heads, batch)](
         out, grad_out, delta, heads, length_q, value_dim, *out.stride(), *grad_out.stride(),
         BLOCK_M=rowdot_block, BLOCK_EV=block_ev)
 
-    _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(length_k, meta["BLOCK_N"]), batch * heads_kv)](
+    _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(length_k, meta["BLOCK_N"]), heads_kv, batch)](
         query, key, value, mask_ptr, seed_ptr, grad_out, lse, delta, grad_k, grad_v,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
         *grad_k.stride(), *grad_v.stride(),
-        heads, heads_kv, group, length_q, length_k, head_dim, value_dim, scale * LOG2E, scale,
+        heads, group, length_q, length_k, head_dim, value_dim, scale * LOG2E, scale,
         dropout_p, dropout_scale, *lengths_rounded, **constants)
-    _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(length_q, meta["BLOCK_M"]), batch * heads)](
+    _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(length_q, meta["BLOCK_M"]), heads, batch)](
         query, key, value, mask_ptr, seed_ptr, grad_out, lse, delta, grad_q,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(), *grad_q.stride(),
         heads, group, length_q, length_k, head_dim, value_dim, scale * LOG2E, scale,
@@ -590,7 +590,7 @@ def dropout_keep_mask(batch, heads, length_q, length_k, dropout_p, seed, device)
     if keep.numel() == 0:
         return keep.bool()
     block = 16 if INTERPRET else 64
-    _dropout_keep_mask_kernel[(triton.cdiv(length_q, block), batch * heads)](
+    _dropout_keep_mask_kernel[(triton.cdiv(length_q, block), heads, batch)](
         seed, keep, heads, length_q, length_k, dropout_p, BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
 
