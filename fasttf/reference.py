@@ -175,3 +175,18 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, dropout_p=0.0, traini
     """(layer_norm(s), s) with s = residual + dropout(x): serves post-LN (use the first) and pre-LN."""
     s = residual_add(x, residual, dropout_p=dropout_p, training=training, dropout_mask=dropout_mask)
     return layer_norm(s, weight, bias, eps), s
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder-decoder Transformer of the lecture notes
+
+
+def Transformer(*args, **kwargs):  # noqa: N802  (a constructor, named as the class it builds)
+    """The notes' encoder-decoder in plain PyTorch: `fasttf.models.Transformer(backend="torch")`.
+
+    One model file serves both backends; with backend="torch" it uses only nn.MultiheadAttention,
+    the eager positional encoding above and F.layer_norm(residual + dropout(x)).
+    """
+    from fasttf.models.transformer import Transformer as Model
+
+    return Model(*args, backend="torch", **kwargs)

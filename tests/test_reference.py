@@ -139,3 +139,17 @@ def test_add_layer_norm_matches_torch():
     torch.testing.assert_close(dropped, residual + x * keep / 0.9)
     _, evaluated = reference.add_layer_norm(x, residual, None, None, dropout_p=0.1, training=False)
     torch.testing.assert_close(evaluated, residual + x)
+
+
+def test_reference_transformer_is_plain_torch():
+    """fasttf.reference.Transformer runs torch's own attention modules, no fasttf op."""
+    torch.manual_seed(5)
+    model = reference.Transformer(11, 13, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                  dim_feedforward=16, dropout=0.0).double().eval()
+    assert model.backend == "torch"
+    attentions = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attentions and all(type(m) is torch.nn.MultiheadAttention for m in attentions)
+    src = torch.randint(1, 11, (2, 5))
+    tgt = torch.randint(1, 13, (2, 4))
+    logits, _ = model(src, tgt)
+    assert logits.shape == (2, 4, 13) and torch.isfinite(logits).all()
