@@ -6,10 +6,13 @@ writes today (the group's baseline for the speedup):
     add_layer_norm       fasttf.add_layer_norm(x, residual, w, b, dropout_p=p)
                                                            vs  F.layer_norm(residual + F.dropout(x, p), (D,), w, b)
 
-GB/s count the op's minimum I/O in bytes, M = N·T·D elements of b bytes each:
-    positional_encoding  forward 2M·b (read x, write y); forward+backward 4M·b (+ read dy, write dx)
-    residual_add         forward 3M·b (read x, residual, write y); forward+backward 6M·b (+ read dy, write dx, dresidual)
-    add_layer_norm       forward 4M·b (read x, residual, write y, s); forward+backward 8M·b (+ read dy, s, write dx, dresidual)
+GB/s count the op's minimum I/O in bytes, M = N·T·D elements of b bytes each; the backward of an add
+needs no new tensor where no dropout scales it (the gradient passes through as it is):
+    positional_encoding  forward 2M·b (read x, write y); backward +2M·b (read dy, write dx)
+    residual_add         forward 3M·b (read x, residual, write y); backward +0 (p = 0: dx = dresidual = dy)
+                         or +2M·b (p > 0: read dy, write dx)
+    add_layer_norm       forward 4M·b (read x, residual, write y, s); backward +3M·b (read dy, s, write
+                         dresidual) or +4M·b (p > 0: also write dx)
 (dropout's keep-mask is not counted: fasttf regenerates it from a seed, eager torch writes and reads it).
 Each group also times `out.copy_(x)` of one (N, T, D) tensor (2M·b bytes): the bandwidth a memory-bound
 op can reach on this device, measured in the same run (issue 4's GPU target: >= 85% of it); the
@@ -41,38 +44,15 @@ def shapes():
     return [(torch.float32, (8, length, 512)) for length in (128, 512, 2048)]
 
 
-# (bytes forward, bytes forward+backward) in units of M·b
-IO_UNITS = {"positional_encoding": (2, 4), "residual_add": (3, 6), "add_layer_norm": (4, 8)}
-MODES = ("fwd", "fwd+bwd")
+# the op's minimum bytes read + written in units of M·b: (forward, backward without dropout, with dropout)
+IO_UNITS = {"positional_encoding": (2, 2, 2), "residual_add": (3, 0, 2), "add_layer_norm": (4, 3, 4)}
 
 
-def make_case(op, impl, dropout_p, dtype, shape, backward):
-    """(forward closure, differentiable inputs) for one op and implementation."""
-    batch, length, dim = shape
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def tensor(*size):
-        return torch.randn(*size, device=DEVICE, dtype=dtype, generator=generator, requires_grad=backward)
-
-    x = tensor(batch, length, dim)
-    if op == "positional_encoding":
-        scale = math.sqrt(dim)
-        if impl == "fasttf":
-            return (lambda: fasttf.positional_encoding(x, scale=scale)), (x,)
-        # what a user writes: a table computed once (here for the positions in use), then one fused line
-        pe = reference.sinusoid_table(torch.arange(length, device=DEVICE), dim).to(dtype)
-        return (lambda: x * scale + pe[:length]), (x,)
-    residual = tensor(batch, length, dim)
-    if op == "residual_add":
-        if impl == "fasttf":
-            return (lambda: fasttf.residual_add(x, residual, dropout_p=dropout_p)), (x, residual)
-        return (lambda: residual + F.dropout(x, dropout_p)), (x, residual)
-    weight = (1.0 + 0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
-    bias = (0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
-    inputs = (x, residual, weight, bias)
-    if impl == "fasttf":
-        return (lambda: fasttf.add_layer_norm(x, residual, weight, bias, dropout_p=dropout_p)[0]), inputs
-    return (lambda: F.layer_norm(residual + F.dropout(x, dropout_p), (dim,), weight, bias)), inputs
+def io_units(op, backward, dropout_p):
+    forward, backward_plain, backward_dropout = IO_UNITS[op]
+    if not backward:
+        return forward
+    return forward + (backward_dropout if dropout_p > 0 else backward_plain)
 
 
 CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
@@ -108,7 +88,7 @@ def test_elementwise(benchmark, mode, case, shape, impl):
         def fn():
             with torch.no_grad():
                 return forward()
-    units = IO_UNITS[op][1 if backward else 0]
+    units = io_units(op, backward, dropout_p)
     measure(benchmark, fn, group=group, impl=impl if impl == "fasttf" else "eager torch", eager_twin=impl == "eager",
             op=op, mode=mode, dtype=dtype_name(dtype), dropout_p=dropout_p, batch=batch, seq_len=length, dim=dim,
             series=series, bytes_moved=units * elements * element_size)
