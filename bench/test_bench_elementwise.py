@@ -55,6 +55,8 @@ def io_units(op, backward, dropout_p):
     return forward + (backward_dropout if dropout_p > 0 else backward_plain)
 
 
+MODES = ("fwd", "fwd+bwd")
+
 CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
          ("add_layer_norm", 0.1)]
 
