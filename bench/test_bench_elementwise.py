@@ -57,6 +57,36 @@ def io_units(op, backward, dropout_p):
 
 MODES = ("fwd", "fwd+bwd")
 
+
+def make_case(op, impl, dropout_p, dtype, shape, backward):
+    """(forward closure, differentiable inputs) for one op and implementation."""
+    batch, length, dim = shape
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def tensor(*size):
+        return torch.randn(*size, device=DEVICE, dtype=dtype, generator=generator, requires_grad=backward)
+
+    x = tensor(batch, length, dim)
+    if op == "positional_encoding":
+        scale = math.sqrt(dim)
+        if impl == "fasttf":
+            return (lambda: fasttf.positional_encoding(x, scale=scale)), (x,)
+        # what a user writes: a table computed once (here for the positions in use), then one fused line
+        pe = reference.sinusoid_table(torch.arange(length, device=DEVICE), dim).to(dtype)
+        return (lambda: x * scale + pe[:length]), (x,)
+    residual = tensor(batch, length, dim)
+    if op == "residual_add":
+        if impl == "fasttf":
+            return (lambda: fasttf.residual_add(x, residual, dropout_p=dropout_p)), (x, residual)
+        return (lambda: residual + F.dropout(x, dropout_p)), (x, residual)
+    weight = (1.0 + 0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
+    bias = (0.1 * torch.randn(dim, device=DEVICE, generator=generator)).to(dtype).requires_grad_(backward)
+    inputs = (x, residual, weight, bias)
+    if impl == "fasttf":
+        return (lambda: fasttf.add_layer_norm(x, residual, weight, bias, dropout_p=dropout_p)[0]), inputs
+    return (lambda: F.layer_norm(residual + F.dropout(x, dropout_p), (dim,), weight, bias)), inputs
+
+
 CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
          ("add_layer_norm", 0.1)]
 
