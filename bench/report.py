@@ -189,6 +189,9 @@ def plot(data: dict, out_dir: Path, stem: str) -> list[Path]:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl,
                           color=colours[impl], linewidth=2.5 if fasttf_row else 1.2)
             axis.set_xscale("log", base=2)
+            values = [point[1] for points in impls.values() for point in points]
+            if min(values) > 0 and max(values) / min(values) > 20:  # e.g. the interpreter, the copy
+                axis.set_yscale("log")
             axis.set_xlabel("sequence length")
             axis.set_ylabel(" / ".join(sorted(units)))
             axis.set_title(name, fontsize=9)
