@@ -1,15 +1,41 @@
-// fasttf._C: pybind11 bindings and the TORCH_LIBRARY registrations of the extension's ops.
+// fasttf._C: the TORCH_LIBRARY schemas of the extension's ops, their CPU (and CUDA) kernels, and
+// pybind11 bindings of the same functions (fasttf._C.<op>).
+//
+// Dropout takes its seed as an input (a 0-dim int64 CPU tensor drawn in Python from torch's
+// generator), so every op is a pure function of its inputs; the backward ops regenerate the
+// keep-mask from the same seed (csrc/philox.h) instead of storing it.
 #include <torch/extension.h>
 
 #include "ops.h"
 
 TORCH_LIBRARY(fasttf, m) {
-  m.def("residual_add(Tensor x, Tensor residual) -> Tensor");
+  m.def("positional_encoding(Tensor x, Tensor? offsets, int offset, float scale, float base, bool batch_first) "
+        "-> Tensor");
+  m.def("positional_encoding_backward(Tensor grad, float scale) -> Tensor");
+  m.def("residual_add(Tensor x, Tensor residual, float dropout_p=0.0, Tensor? seed=None) -> Tensor");
+  m.def("residual_add_backward(Tensor grad, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("dropout_keep_mask(Tensor like, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
+        "Tensor? seed) -> (Tensor out, Tensor s, Tensor mean, Tensor rstd)");
+  m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_s, Tensor s, Tensor mean, Tensor rstd, "
+        "Tensor? weight, bool need_dweight, bool need_dbias, float dropout_p, Tensor? seed) "
+        "-> (Tensor dresidual, Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
-TORCH_LIBRARY_IMPL(fasttf, CPU, m) {
-  m.impl("residual_add", &fasttf::cpu::residual_add);
-}
+#define FASTTF_IMPL_OPS(ns)                                                   \
+  m.impl("positional_encoding", &fasttf::ns::positional_encoding);            \
+  m.impl("positional_encoding_backward", &fasttf::ns::positional_encoding_backward); \
+  m.impl("residual_add", &fasttf::ns::residual_add);                          \
+  m.impl("residual_add_backward", &fasttf::ns::residual_add_backward);        \
+  m.impl("dropout_keep_mask", &fasttf::ns::dropout_keep_mask);                \
+  m.impl("add_layer_norm", &fasttf::ns::add_layer_norm);                      \
+  m.impl("add_layer_norm_backward", &fasttf::ns::add_layer_norm_backward);
+
+TORCH_LIBRARY_IMPL(fasttf, CPU, m) { FASTTF_IMPL_OPS(cpu) }
+
+#ifdef FASTTF_WITH_CUDA
+TORCH_LIBRARY_IMPL(fasttf, CUDA, m) { FASTTF_IMPL_OPS(cuda) }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttf's C++/CUDA kernels; the ops are also registered as torch.ops.fasttf.*";
@@ -18,4 +44,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // The same ops through pybind11 (they dispatch on the device like torch.ops.fasttf.*).
+  m.def("positional_encoding", [](const at::Tensor& x, const fasttf::OptTensor& offsets, int64_t offset, double scale,
+                                  double base, bool batch_first) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::positional_encoding", "")
+                         .typed<at::Tensor(const at::Tensor&, const fasttf::OptTensor&, int64_t, double, double, bool)>();
+    return op.call(x, offsets, offset, scale, base, batch_first);
+  }, py::arg("x"), py::arg("offsets"), py::arg("offset"), py::arg("scale"), py::arg("base"), py::arg("batch_first"));
+  m.def("residual_add", [](const at::Tensor& x, const at::Tensor& residual, double dropout_p, const fasttf::OptTensor& seed) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::residual_add", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const fasttf::OptTensor&)>();
+    return op.call(x, residual, dropout_p, seed);
+  }, py::arg("x"), py::arg("residual"), py::arg("dropout_p") = 0.0, py::arg("seed") = py::none());
+  m.def("dropout_keep_mask", [](const at::Tensor& like, double dropout_p, const fasttf::OptTensor& seed) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::dropout_keep_mask", "")
+                         .typed<at::Tensor(const at::Tensor&, double, const fasttf::OptTensor&)>();
+    return op.call(like, dropout_p, seed);
+  }, py::arg("like"), py::arg("dropout_p"), py::arg("seed"));
+  m.def("add_layer_norm", [](const at::Tensor& x, const at::Tensor& residual, const fasttf::OptTensor& weight,
+                             const fasttf::OptTensor& bias, double eps, double dropout_p, const fasttf::OptTensor& seed) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::add_layer_norm", "")
+                         .typed<fasttf::Tensor4(const at::Tensor&, const at::Tensor&, const fasttf::OptTensor&,
+                                                const fasttf::OptTensor&, double, double, const fasttf::OptTensor&)>();
+    return op.call(x, residual, weight, bias, eps, dropout_p, seed);
+  }, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("dropout_p"),
+     py::arg("seed"));
 }

@@ -1,9 +1,37 @@
-// The extension's kernels, one declaration per device. Bindings live in fasttf.cpp.
+// The extension's kernels, one declaration per device. Schemas and bindings live in fasttf.cpp.
 #pragma once
 #include <torch/extension.h>
 
+#include <optional>
+#include <tuple>
+
 namespace fasttf {
+
+using OptTensor = std::optional<at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+#define FASTTF_DECLARE_OPS                                                                                        \
+  at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,   \
+                                 double base, bool batch_first);                                                \
+  at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale);                                \
+  at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double dropout_p,                    \
+                          const OptTensor& seed);                                                               \
+  at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed);            \
+  at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const OptTensor& seed);                \
+  Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,              \
+                         const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed);           \
+  Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& grad_s, const at::Tensor& s,     \
+                                  const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,      \
+                                  bool need_dweight, bool need_dbias, double dropout_p, const OptTensor& seed);
+
 namespace cpu {
-at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual);
+FASTTF_DECLARE_OPS
 }  // namespace cpu
+
+#ifdef FASTTF_WITH_CUDA
+namespace cuda {
+FASTTF_DECLARE_OPS
+}  // namespace cuda
+#endif
+
 }  // namespace fasttf

@@ -1,37 +1,91 @@
-// residual_add on the CPU:  out = residual + x
+// residual_add on the CPU, one pass:
+//   out = residual + x * m,   m = keep(seed, i) / (1 - p)   (m = 1 without dropout)
+// backward:  dresidual = dy (no kernel),  dx = dy * m  (the mask regenerated from the seed).
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
-#include "../checks.h"
+#include "../args.h"
 #include "../ops.h"
+#include "../philox.h"
+#include "dropout.h"
+#include "rows.h"
 
 namespace fasttf {
 namespace cpu {
+namespace {
 
-at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual) {
-  const char* op = "residual_add";
-  check_same_device(op, x, "x", residual, "residual");
-  check_same_dtype(op, x, "x", residual, "residual");
-  check_same_shape(op, x, "x", residual, "residual");
-  check_floating(op, x, "x");
+constexpr int64_t kChunk = 2048;  // elements per inner step: the buffers stay in L1
+
+// out = (residual ? residual : 0) + x * m over a flat contiguous tensor.
+template <typename scalar_t>
+void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t n, double dropout_p,
+                 uint64_t seed) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const bool dropout = dropout_p > 0.0;
+  const DropoutRow<acc_t> drop{seed, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
+  at::parallel_for(0, n, 4 * kChunk, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t x_buffer[kChunk], r_buffer[kChunk], o_buffer[kChunk], m_buffer[kChunk];
+    for (int64_t c = begin; c < end; c += kChunk) {
+      const int64_t len = std::min(kChunk, end - c);
+      const acc_t* xr = load_row<scalar_t, acc_t>(x + c, x_buffer, len);
+      acc_t* orow = output_row<scalar_t, acc_t>(out + c, o_buffer);
+      if (dropout) drop.fill(c, len, m_buffer);
+      if (residual && dropout) {
+        const acc_t* rr = load_row<scalar_t, acc_t>(residual + c, r_buffer, len);
+        map3<acc_t>(orow, xr, m_buffer, rr, len, [](auto a, auto m, auto r) { return r + a * m; });
+      } else if (residual) {
+        const acc_t* rr = load_row<scalar_t, acc_t>(residual + c, r_buffer, len);
+        map2<acc_t>(orow, xr, rr, len, [](auto a, auto r) { return r + a; });
+      } else if (dropout) {
+        map2<acc_t>(orow, xr, m_buffer, len, [](auto a, auto m) { return a * m; });
+      } else {
+        map2<acc_t>(orow, xr, xr, len, [](auto a, auto) { return a; });
+      }
+      store_row<scalar_t, acc_t>(orow, out + c, len);
+    }
+  });
+  (void)sizeof(Vec);
+}
+
+}  // namespace
+
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double dropout_p, const OptTensor& seed) {
+  check_residual_pair("residual_add", x, residual);
+  check_dropout("residual_add", dropout_p, seed);
   const auto x_c = x.contiguous();
   const auto r_c = residual.contiguous();
   auto out = at::empty_like(x_c);
-  const int64_t n = x_c.numel();
+  const uint64_t seed_v = seed_value(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_c.scalar_type(), "residual_add_cpu", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const scalar_t* xp = x_c.data_ptr<scalar_t>();
-    const scalar_t* rp = r_c.data_ptr<scalar_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      for (; i + Vec::size() <= end; i += Vec::size()) {
-        (Vec::loadu(xp + i) + Vec::loadu(rp + i)).store(op_ + i);
-      }
-      for (; i < end; ++i) op_[i] = static_cast<scalar_t>(static_cast<float>(xp[i]) + static_cast<float>(rp[i]));
-    });
+    add_dropout<scalar_t>(x_c.data_ptr<scalar_t>(), r_c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x_c.numel(),
+                          dropout_p, seed_v);
   });
   return out;
+}
+
+at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed) {
+  check_floating("residual_add_backward", grad, "grad");
+  check_dropout("residual_add_backward", dropout_p, seed);
+  const auto g = grad.contiguous();
+  auto dx = at::empty_like(g);
+  const uint64_t seed_v = seed_value(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "residual_add_backward_cpu", [&] {
+    add_dropout<scalar_t>(g.data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), g.numel(), dropout_p, seed_v);
+  });
+  return dx;
+}
+
+// keep[i] = philox word of (seed, i) >= floor(p * 2^32), for a tensor shaped like `like`.
+at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const OptTensor& seed) {
+  check_dropout("dropout_keep_mask", dropout_p, seed);
+  auto keep = at::empty(like.sizes(), like.options().dtype(at::kBool).memory_format(at::MemoryFormat::Contiguous));
+  const uint64_t seed_v = seed_value(seed);
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  bool* data = keep.data_ptr<bool>();
+  at::parallel_for(0, keep.numel(), 16384, [&](int64_t begin, int64_t end) {
+    dropout_keep_bytes(seed_v, begin, end - begin, threshold, data + begin);
+  });
+  return keep;
 }
 
 }  // namespace cpu

@@ -1,5 +1,68 @@
-"""PLACEHOLDER until issue 4 lands: the positional-encoding op."""
+"""positional_encoding: `x * scale + PE` in one pass of the extension's kernel.
+
+    y[..., p, 2k]     = x[..., p, 2k] * scale     + sin(p * base^(-2k / D))
+    y[..., p, 2k + 1] = x[..., p, 2k + 1] * scale + cos(p * base^(-2k / D))
+    p = offset + position (offset: an int, or a LongTensor (N,) of per-sequence offsets)
+    backward: dx = dy * scale (offset gets no gradient)
+
+torch.ops.fasttf.positional_encoding(x, offsets, offset, scale, base, batch_first) is the op;
+torch.ops.fasttf.positional_encoding_backward(grad, scale) its backward kernel.
+"""
+
+import torch
+
+from fasttf import _extension
+from fasttf._checks import check_same_device, check_tensor
+
+_extension_ready = _extension.is_available()
+
+if _extension_ready:
+
+    @torch.library.register_fake("fasttf::positional_encoding")
+    def _positional_encoding_fake(x, offsets, offset, scale, base, batch_first):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fasttf::positional_encoding_backward")
+    def _positional_encoding_backward_fake(grad, scale):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.scale = inputs[3]
+
+    def _backward(ctx, grad):
+        return torch.ops.fasttf.positional_encoding_backward(grad, ctx.scale), None, None, None, None, None
+
+    torch.library.register_autograd("fasttf::positional_encoding", _backward, setup_context=_setup_context)
+
+    def _setup_backward_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    def _backward_backward(ctx, grad):  # the backward is linear in grad: its own backward is itself
+        return torch.ops.fasttf.positional_encoding_backward(grad, ctx.scale), None
+
+    torch.library.register_autograd("fasttf::positional_encoding_backward", _backward_backward,
+                                    setup_context=_setup_backward_context)
 
 
-def positional_encoding(x, offset=0, *, scale=1.0, base=10000.0, batch_first=True):
-    raise NotImplementedError("fasttf.positional_encoding: issue 4 in progress")
+def positional_encoding(x: torch.Tensor, offset=0, *, scale: float = 1.0, base: float = 10000.0,
+                        batch_first: bool = True) -> torch.Tensor:
+    """`x * scale + PE` for x of shape (N, T, D), (T, N, D) with batch_first=False, or (T, D)."""
+    op = "positional_encoding"
+    check_tensor(op, "x", x)
+    offsets = None
+    if isinstance(offset, torch.Tensor):
+        check_same_device(op, x=x, offset=offset)
+        if offset.dtype != torch.int64:
+            raise ValueError(f"fasttf.{op}: expected offset to be an int or an int64 tensor, got {offset.dtype}")
+        if offset.dim() == 0:
+            offset = int(offset)
+        else:
+            batch = x.size(0) if batch_first else (x.size(1) if x.dim() == 3 else None)
+            if x.dim() != 3 or offset.shape != (batch,):
+                raise ValueError(f"fasttf.{op}: expected a tensor offset of shape (N,) = ({batch},) for x of shape "
+                                 f"{tuple(x.shape)} (batch_first={batch_first}), got {tuple(offset.shape)}")
+            offsets, offset = offset, 0
+    elif isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"fasttf.{op}: expected offset to be an int or an int64 tensor, got {type(offset).__name__}")
+    _extension.require(op)
+    return torch.ops.fasttf.positional_encoding(x, offsets, offset, float(scale), float(base), bool(batch_first))

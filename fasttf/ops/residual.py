@@ -1,6 +1,18 @@
-"""residual_add (and, with issue 4, add_layer_norm): the extension's kernels as autograd-aware ops.
+"""residual_add and add_layer_norm: the extension's kernels as autograd-aware torch.library ops.
 
-    residual_add(x, residual) = residual + x            d/dx = d/dresidual = identity
+    residual_add:    out = residual + x * m
+    add_layer_norm:  s = residual + x * m,  out = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias
+    m = keep / (1 - dropout_p) with keep from Philox(seed, flat index) (csrc/philox.h); m = 1 when
+    dropout is off. The seed is a 0-dim int64 CPU tensor drawn from torch's default (CPU)
+    generator, so torch.manual_seed makes the mask repeatable, and the same seed gives the same
+    mask on the CPU and the GPU; the backward regenerates the mask from it (nothing stored).
+
+Ops: torch.ops.fasttf.residual_add(x, residual, dropout_p, seed),
+residual_add_backward(grad, dropout_p, seed) -> dx, dropout_keep_mask(like, dropout_p, seed),
+add_layer_norm(x, residual, weight, bias, eps, dropout_p, seed) -> (out, s, mean, rstd),
+add_layer_norm_backward(grad_out, grad_s, s, mean, rstd, weight, need_dweight, need_dbias,
+dropout_p, seed) -> (dresidual, dx, dweight, dbias); dx is empty when dropout is off (then dx =
+dresidual), dweight/dbias are empty when not asked for.
 """
 
 import torch
@@ -9,17 +21,97 @@ from fasttf import _extension
 from fasttf._checks import check_dropout_p, check_same_device
 
 _extension_ready = _extension.is_available()
+_SEED_HIGH = 2 ** 62
+
+
+def dropout_seed() -> torch.Tensor:
+    """A fresh dropout seed from torch's default CPU generator (a 0-dim int64 CPU tensor)."""
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+
+
+def dropout_keep_mask(like: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The keep-mask (bool, shaped like `like`) that residual_add/add_layer_norm draw for this seed."""
+    check_dropout_p("dropout_keep_mask", dropout_p)
+    _extension.require("dropout_keep_mask")
+    return torch.ops.fasttf.dropout_keep_mask(like, float(dropout_p), seed)
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 if _extension_ready:
 
     @torch.library.register_fake("fasttf::residual_add")
-    def _residual_add_fake(x, residual):
+    def _residual_add_fake(x, residual, dropout_p=0.0, seed=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def _residual_add_backward(ctx, grad):
-        return grad, grad
+    @torch.library.register_fake("fasttf::residual_add_backward")
+    def _residual_add_backward_fake(grad, dropout_p, seed):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
-    torch.library.register_autograd("fasttf::residual_add", _residual_add_backward)
+    @torch.library.register_fake("fasttf::dropout_keep_mask")
+    def _dropout_keep_mask_fake(like, dropout_p, seed):
+        return torch.empty(like.shape, dtype=torch.bool, device=like.device)
+
+    def _residual_add_setup(ctx, inputs, output):
+        ctx.dropout_p, ctx.seed = inputs[2], inputs[3]
+
+    def _residual_add_backward(ctx, grad):
+        if ctx.dropout_p > 0.0:
+            dx = torch.ops.fasttf.residual_add_backward(grad, ctx.dropout_p, ctx.seed)
+        else:
+            dx = grad
+        return dx, grad, None, None
+
+    torch.library.register_autograd("fasttf::residual_add", _residual_add_backward, setup_context=_residual_add_setup)
+
+    def _residual_add_backward_setup(ctx, inputs, output):
+        ctx.dropout_p, ctx.seed = inputs[1], inputs[2]
+
+    def _residual_add_backward_backward(ctx, grad):  # dx = dy * m is linear in dy
+        return torch.ops.fasttf.residual_add_backward(grad, ctx.dropout_p, ctx.seed), None, None
+
+    torch.library.register_autograd("fasttf::residual_add_backward", _residual_add_backward_backward,
+                                    setup_context=_residual_add_backward_setup)
+
+    @torch.library.register_fake("fasttf::add_layer_norm")
+    def _add_layer_norm_fake(x, residual, weight, bias, eps, dropout_p, seed):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        s = torch.empty_like(x, memory_format=torch.contiguous_format)
+        rows = x.numel() // x.size(-1)
+        stats = dict(dtype=_stat_dtype(x.dtype), device=x.device)
+        return out, s, torch.empty(rows, **stats), torch.empty(rows, **stats)
+
+    @torch.library.register_fake("fasttf::add_layer_norm_backward")
+    def _add_layer_norm_backward_fake(grad_out, grad_s, s, mean, rstd, weight, need_dweight, need_dbias,
+                                      dropout_p, seed):
+        dim = s.size(-1)
+        dres = torch.empty_like(s, memory_format=torch.contiguous_format)
+        dx = torch.empty_like(s, memory_format=torch.contiguous_format) if dropout_p > 0.0 else s.new_empty(0)
+        return (dres, dx, s.new_empty(dim if need_dweight else 0), s.new_empty(dim if need_dbias else 0))
+
+    def _add_layer_norm_setup(ctx, inputs, output):
+        x, residual, weight, bias, eps, dropout_p, seed = inputs
+        _, s, mean, rstd = output
+        ctx.save_for_backward(s, mean, rstd, weight, seed)
+        ctx.has_bias = bias is not None
+        ctx.dropout_p = dropout_p
+
+    def _add_layer_norm_backward(ctx, grad_out, grad_s, grad_mean, grad_rstd):
+        s, mean, rstd, weight, seed = ctx.saved_tensors
+        need_dweight = weight is not None and ctx.needs_input_grad[2]
+        need_dbias = ctx.has_bias and ctx.needs_input_grad[3]
+        if grad_out is None:
+            grad_out = torch.zeros_like(s)
+        dres, dx, dweight, dbias = torch.ops.fasttf.add_layer_norm_backward(
+            grad_out, grad_s, s, mean, rstd, weight, need_dweight, need_dbias, ctx.dropout_p, seed)
+        if ctx.dropout_p == 0.0:
+            dx = dres
+        return (dx, dres, dweight if need_dweight else None, dbias if need_dbias else None, None, None, None)
+
+    torch.library.register_autograd("fasttf::add_layer_norm", _add_layer_norm_backward,
+                                    setup_context=_add_layer_norm_setup)
 
 
 def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 0.0,
@@ -28,10 +120,20 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 
     check_same_device("residual_add", x=x, residual=residual)
     check_dropout_p("residual_add", dropout_p)
     _extension.require("residual_add")
-    if dropout_p > 0.0 and training:
-        raise NotImplementedError("fasttf.residual_add: dropout_p > 0 lands with issue 4")
-    return torch.ops.fasttf.residual_add(x, residual)
+    p = float(dropout_p) if training else 0.0
+    return torch.ops.fasttf.residual_add(x, residual, p, dropout_seed() if p > 0.0 else None)
 
 
-def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, dropout_p=0.0, training=True):
-    raise NotImplementedError("fasttf.add_layer_norm: issue 4 in progress")
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   *, eps: float = 1e-5, dropout_p: float = 0.0, training: bool = True):
+    """`(layer_norm(s) * weight + bias, s)` with `s = residual + dropout(x)`, one pass over x and residual."""
+    op = "add_layer_norm"
+    check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
+    check_dropout_p(op, dropout_p)
+    if not eps >= 0.0:
+        raise ValueError(f"fasttf.{op}: expected eps >= 0, got {eps}")
+    _extension.require(op)
+    p = float(dropout_p) if training else 0.0
+    out, s, _, _ = torch.ops.fasttf.add_layer_norm(x, residual, weight, bias, float(eps), p,
+                                                   dropout_seed() if p > 0.0 else None)
+    return out, s

@@ -1,0 +1,28 @@
+// Dropout multipliers on the CPU from the shared Philox stream (../philox.h):
+//   out[j] = keep(seed, start + j) ? scale : 0,   scale = 1 / (1 - p)
+// written for a whole row (or chunk) at once so the kernels multiply by a buffer with
+// at::vec::Vectorized. The generators are compiled for AVX-512, AVX2 and plain x86-64 and the
+// best one is picked when the library loads (GCC target_clones).
+#pragma once
+#include <cstdint>
+
+namespace fasttf {
+namespace cpu {
+
+void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out);
+void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out);
+void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out);
+
+// The multipliers for the acc type of a kernel.
+template <typename acc_t>
+struct DropoutRow {
+  uint64_t seed;
+  uint32_t threshold;
+  acc_t scale;
+  void fill(int64_t start, int64_t n, acc_t* out) const {
+    dropout_multipliers(seed, start, n, threshold, scale, out);
+  }
+};
+
+}  // namespace cpu
+}  // namespace fasttf

@@ -1,0 +1,117 @@
+// Device helpers shared by the .cu files: float <-> storage type, packs of VEC values loaded
+// with one 16-byte (or narrower) access, a block-wide sum, and the dtype switch of the launchers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../philox.h"
+#include "launchers.h"
+
+namespace fasttf {
+namespace cuda {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// VEC values of T moved as one aligned access (16 bytes for float x4 or half x8).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_floats(const T* p, float* out) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = to_float(pack.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_floats(T* p, const float* in) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pack.v[j] = from_float<T>(in[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+// The widest VEC <= 16 bytes / sizeof(T) such that every pointer is aligned and n (the row
+// length or element count) is a multiple of it.
+template <typename T>
+inline int pick_vec(int64_t n, const void* a, const void* b = nullptr, const void* c = nullptr,
+                    const void* d = nullptr) {
+  int vec = static_cast<int>(16 / sizeof(T));
+  auto aligned = [&](const void* p, int v) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * v) == 0;
+  };
+  while (vec > 1 && !(n % vec == 0 && aligned(a, vec) && aligned(b, vec) && aligned(c, vec) && aligned(d, vec))) {
+    vec /= 2;
+  }
+  return vec;
+}
+
+// Dropout multipliers of VEC consecutive elements starting at `index` (a multiple of VEC):
+// one Philox call per 4 elements.
+template <int VEC>
+__device__ __forceinline__ void dropout_multipliers(uint64_t seed, uint64_t index, uint32_t threshold, float scale,
+                                                    float* m) {
+  if (VEC >= 4) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      const PhiloxWords w = philox4x32_10(seed, (index + j) >> 2);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) m[j + k] = w.w[k] >= threshold ? scale : 0.0f;
+    }
+  } else {
+    const PhiloxWords w = philox4x32_10(seed, index >> 2);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = w.w[(index + j) & 3] >= threshold ? scale : 0.0f;
+  }
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float value, float* shared32) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();  // shared32 may still be read by a previous call
+  if (lane == 0) shared32[warp] = value;
+  __syncthreads();
+  value = lane < warps ? shared32[lane] : 0.0f;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+inline unsigned int blocks_for(int64_t work, int threads) {
+  int64_t blocks = (work + threads - 1) / threads;
+  if (blocks < 1) blocks = 1;
+  if (blocks > 65535LL * 32) blocks = 65535LL * 32;  // grid-stride loops cover the rest
+  return static_cast<unsigned int>(blocks);
+}
+
+// Calls f.template operator()<T>() with T the storage type of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fasttf

@@ -1,0 +1,160 @@
+// The CUDA implementations of the fasttf ops (compiled only in a CUDA build, FASTTF_WITH_CUDA):
+// the shared argument checks, contiguous inputs and fresh outputs, then the raw-pointer
+// launchers of the .cu files on the current stream. CUDA supports float32, float16, bfloat16.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../args.h"
+#include "../ops.h"
+#include "launchers.h"
+
+namespace fasttf {
+namespace cuda {
+namespace {
+
+DType cuda_dtype(const char* op, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fasttf.", op, ": on CUDA expected float32, float16 or bfloat16 tensors, got ",
+                  t.scalar_type());
+  }
+}
+
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, "fasttf.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+void* mut_ptr_or_null(at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+
+}  // namespace
+
+at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
+                               double base, bool batch_first) {
+  const PositionLayout layout = check_positional_encoding(x, offsets, base, batch_first);
+  const DType dtype = cuda_dtype("positional_encoding", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto x_c = x.contiguous();
+  auto y = at::empty_like(x_c);
+  at::Tensor offsets_c = has(offsets) ? offsets->contiguous() : at::Tensor();
+  PositionArgs args{layout.rows, layout.dim, layout.t_div, layout.t_mod, layout.n_div, layout.n_mod, offset,
+                    offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr, static_cast<float>(scale), base};
+  check_launch("positional_encoding", launch_positional_encoding(dtype, x_c.data_ptr(), y.data_ptr(), args,
+                                                                 at::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale) {
+  const DType dtype = cuda_dtype("positional_encoding_backward", grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto g = grad.contiguous();
+  auto dx = at::empty_like(g);
+  check_launch("positional_encoding_backward", launch_scale(dtype, g.data_ptr(), dx.data_ptr(), g.numel(),
+                                                            static_cast<float>(scale),
+                                                            at::cuda::getCurrentCUDAStream()));
+  return dx;
+}
+
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double dropout_p, const OptTensor& seed) {
+  check_residual_pair("residual_add", x, residual);
+  check_dropout("residual_add", dropout_p, seed);
+  const DType dtype = cuda_dtype("residual_add", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto x_c = x.contiguous();
+  const auto r_c = residual.contiguous();
+  auto out = at::empty_like(x_c);
+  check_launch("residual_add", launch_residual_add(dtype, x_c.data_ptr(), r_c.data_ptr(), out.data_ptr(),
+                                                   x_c.numel(), dropout_p, seed_value(seed),
+                                                   at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed) {
+  check_dropout("residual_add_backward", dropout_p, seed);
+  const DType dtype = cuda_dtype("residual_add_backward", grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto g = grad.contiguous();
+  auto dx = at::empty_like(g);
+  check_launch("residual_add_backward", launch_residual_add(dtype, g.data_ptr(), nullptr, dx.data_ptr(), g.numel(),
+                                                            dropout_p, seed_value(seed),
+                                                            at::cuda::getCurrentCUDAStream()));
+  return dx;
+}
+
+at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const OptTensor& seed) {
+  check_dropout("dropout_keep_mask", dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(like.device());
+  auto keep = at::empty(like.sizes(), like.options().dtype(at::kBool).memory_format(at::MemoryFormat::Contiguous));
+  check_launch("dropout_keep_mask", launch_dropout_keep_mask(keep.data_ptr<bool>(), keep.numel(), dropout_p,
+                                                             seed_value(seed), at::cuda::getCurrentCUDAStream()));
+  return keep;
+}
+
+Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,
+                       const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed) {
+  check_add_layer_norm(x, residual, weight, bias, eps, dropout_p, seed);
+  const DType dtype = cuda_dtype("add_layer_norm", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto x_c = x.contiguous();
+  const auto r_c = residual.contiguous();
+  const at::Tensor w_c = has(weight) ? weight->contiguous() : at::Tensor();
+  const at::Tensor b_c = has(bias) ? bias->contiguous() : at::Tensor();
+  const int64_t dim = x_c.size(-1);
+  const int64_t rows = x_c.numel() / dim;
+  auto out = at::empty_like(x_c);
+  auto s = at::empty_like(x_c);
+  auto mean = at::empty({rows}, x_c.options().dtype(at::kFloat));
+  auto rstd = at::empty({rows}, x_c.options().dtype(at::kFloat));
+  check_launch("add_layer_norm",
+               launch_add_layer_norm(dtype, x_c.data_ptr(), r_c.data_ptr(), ptr_or_null(w_c), ptr_or_null(b_c),
+                                     out.data_ptr(), s.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                     rows, dim, eps, dropout_p, seed_value(seed), at::cuda::getCurrentCUDAStream()));
+  return {out, s, mean, rstd};
+}
+
+Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& grad_s, const at::Tensor& s,
+                                const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                                bool need_dweight, bool need_dbias, double dropout_p, const OptTensor& seed) {
+  const char* op = "add_layer_norm_backward";
+  check_same_shape(op, s, "s", grad_out, "grad_out");
+  check_same_dtype(op, s, "s", grad_out, "grad_out");
+  if (has(grad_s)) {
+    check_same_shape(op, s, "s", *grad_s, "grad_s");
+    check_same_dtype(op, s, "s", *grad_s, "grad_s");
+  }
+  check_norm_affine(op, s, weight, "weight");
+  check_dropout(op, dropout_p, seed);
+  const DType dtype = cuda_dtype(op, s);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const int64_t dim = s.size(-1);
+  const int64_t rows = dim == 0 ? 0 : s.numel() / dim;
+  TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, "fasttf.", op, ": expected mean and rstd of ",
+                    rows, " values (one per row), got ", mean.numel(), " and ", rstd.numel());
+  const auto dy_c = grad_out.contiguous();
+  const auto s_c = s.contiguous();
+  const auto mean_c = mean.contiguous().to(at::kFloat);
+  const auto rstd_c = rstd.contiguous().to(at::kFloat);
+  const at::Tensor gs_c = has(grad_s) ? grad_s->contiguous() : at::Tensor();
+  const at::Tensor w_c = has(weight) ? weight->contiguous() : at::Tensor();
+  const bool dropout = dropout_p > 0.0;
+  auto dres = at::empty_like(s_c);
+  auto dx = dropout ? at::empty_like(s_c) : at::empty({0}, s_c.options());
+  auto dweight = at::empty({need_dweight ? dim : 0}, s_c.options());
+  auto dbias = at::empty({need_dbias ? dim : 0}, s_c.options());
+  const bool need_partials = need_dweight || need_dbias;
+  auto partials = at::empty({need_partials ? add_layer_norm_partial_rows(rows) : 0, dim},
+                            s_c.options().dtype(at::kFloat));
+  check_launch(op, launch_add_layer_norm_backward(
+                       dtype, dy_c.data_ptr(), ptr_or_null(gs_c), s_c.data_ptr(), mean_c.data_ptr<float>(),
+                       rstd_c.data_ptr<float>(), ptr_or_null(w_c), dres.data_ptr(), mut_ptr_or_null(dx),
+                       mut_ptr_or_null(dweight), mut_ptr_or_null(dbias),
+                       need_partials ? partials.data_ptr<float>() : nullptr, rows, dim, dropout_p, seed_value(seed),
+                       at::cuda::getCurrentCUDAStream()));
+  return {dres, dx, dweight, dbias};
+}
+
+}  // namespace cuda
+}  // namespace fasttf
