@@ -9,7 +9,8 @@ writes, into DIR (default: bench/results/), files named after the device the run
                                 speedup vs the group's eager twin, peak memory
     <device>-<op>-<mode>.png    throughput vs sequence length, one line per implementation, one
                                 panel per dtype / head dim / masking variant
-    <device>.json               the raw pytest-benchmark JSON the report was made from
+    <device>.json               the pytest-benchmark JSON the report was made from, speedups included,
+                                without the per-round times (stats.data) to keep it small
 
 and prints the Markdown. The speedup is the eager twin's median over the entry's median, both from
 the same run (conftest.py stores it in the JSON with `add_speedups`; it is recomputed here the same way).
@@ -18,7 +19,6 @@ the same run (conftest.py stores it in the JSON with `add_speedups`; it is recom
 import argparse
 import json
 import re
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -219,8 +219,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = device_slug(data)
     raw = args.out / f"{stem}.json"
-    if raw.resolve() != args.results.resolve():
-        shutil.copyfile(args.results, raw)
+    if raw.resolve() != args.results.resolve():  # the run's JSON without each round's time (kept small)
+        slim = json.loads(json.dumps(data))
+        for entry in slim["benchmarks"]:
+            entry["stats"].pop("data", None)
+        raw.write_text(json.dumps(slim, indent=1))
     table = markdown(data)
     (args.out / f"{stem}.md").write_text(table)
     plots = plot(data, args.out, stem)
