@@ -62,7 +62,7 @@ def throughput(info: dict):
             value = info[key]
             if unit == "TFLOP/s" and value < 1.0:
                 return value * 1e3, "GFLOP/s"
-            if unit == "tokens/s" and value >= 1e4:
+            if unit == "tokens/s" and value >= 1e3:
                 return value / 1e3, "k tokens/s"
             return value, unit
     return None, None
