@@ -8,6 +8,7 @@ when that is impossible).
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -33,6 +34,11 @@ def build_with_cuda() -> bool:
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP in torch's builds: without -fopenmp it runs on one thread
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if build_with_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension(
@@ -40,8 +46,9 @@ def extension():
             cpp_sources + cuda_sources,
             define_macros=[("FASTTF_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_link_args=link_flags,
         )
-    return CppExtension("fasttf._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("fasttf._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(

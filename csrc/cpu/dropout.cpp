@@ -17,7 +17,7 @@ constexpr int64_t kBlocksPerBatch = 64;  // 256 words: independent Philox blocks
 
 // words[j] = philox word of element (first_block * 4 + j), for `blocks` whole blocks.
 template <int64_t kBlocks>
-inline void philox_words(uint64_t seed, uint64_t first_block, uint32_t* words) {
+__attribute__((always_inline)) inline void philox_words(uint64_t seed, uint64_t first_block, uint32_t* words) {
   uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
   for (int64_t b = 0; b < kBlocks; ++b) {
     const uint64_t block = first_block + static_cast<uint64_t>(b);
@@ -51,7 +51,7 @@ inline void philox_words(uint64_t seed, uint64_t first_block, uint32_t* words) {
 
 // Calls emit(j, word) for j in [0, n), word = the Philox word of element start + j.
 template <typename Emit>
-inline void for_each_word(uint64_t seed, int64_t start, int64_t n, Emit emit) {
+__attribute__((always_inline)) inline void for_each_word(uint64_t seed, int64_t start, int64_t n, Emit emit) {
   uint32_t words[4 * kBlocksPerBatch];
   int64_t done = 0;
   while (done < n) {
