@@ -8,6 +8,8 @@
 //   dweight   = sum_rows dout * xhat,   dbias = sum_rows dout
 // dweight/dbias: a partial sum per fixed block of kRowsPerBlock rows, then the partials are added
 // in block order, so the result does not depend on the number of threads.
+// The row passes are in row_math.cpp (omp simd loops compiled per x86 level; faster than the
+// portable at::vec::Vectorized an extension gets, see row_math.h); the stage-2 sum uses Vectorized.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -16,6 +18,7 @@
 #include "../ops.h"
 #include "../philox.h"
 #include "dropout.h"
+#include "row_math.h"
 #include "rows.h"
 
 namespace fasttf {
@@ -57,7 +60,6 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
   const bool affine = has(weight) || has(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_c.scalar_type(), "add_layer_norm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
     const auto w = affine_or<scalar_t>(weight, dim, 1.0);
     const auto b = affine_or<scalar_t>(bias, dim, 0.0);
     const DropoutRow<acc_t> drop{seed_v, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
@@ -74,42 +76,17 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
         const acc_t* xr = load_row<scalar_t, acc_t>(xp + at_, x_buffer.data(), dim);
         const acc_t* rr = load_row<scalar_t, acc_t>(rp + at_, r_buffer.data(), dim);
         acc_t* sr = output_row<scalar_t, acc_t>(sp + at_, s_buffer.data());
-        if (dropout) {
-          drop.fill(at_, dim, m_buffer.data());
-          map3<acc_t>(sr, xr, m_buffer.data(), rr, dim, [](auto a, auto m, auto r) { return r + a * m; });
-        } else {
-          map2<acc_t>(sr, xr, rr, dim, [](auto a, auto r) { return r + a; });
-        }
+        if (dropout) drop.fill(at_, dim, m_buffer.data());
+        add_row(xr, rr, dropout ? m_buffer.data() : nullptr, sr, dim);
         // the statistics of s as stored (rounded to a 16-bit type), which the backward reads
         store_row<scalar_t, acc_t>(sr, sp + at_, dim);
-        sr = const_cast<acc_t*>(load_row<scalar_t, acc_t>(sp + at_, s_buffer.data(), dim));
-        const acc_t mu = vec_sum(sr, dim) / static_cast<acc_t>(dim);
-        // sum of squared deviations, Vectorized
-        Vec acc(acc_t(0));
-        const Vec mu_vec(mu);
-        int64_t j = 0;
-        for (; j + Vec::size() <= dim; j += Vec::size()) {
-          const Vec d = Vec::loadu(sr + j) - mu_vec;
-          acc = at::vec::fmadd(d, d, acc);
-        }
-        acc_t sq = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, acc);
-        for (; j < dim; ++j) sq += (sr[j] - mu) * (sr[j] - mu);
-        const acc_t rs = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(dim) + static_cast<acc_t>(eps));
+        const acc_t* s_stored = load_row<scalar_t, acc_t>(sp + at_, s_buffer.data(), dim);
+        acc_t mu, rs;
+        row_stats(s_stored, dim, static_cast<acc_t>(eps), &mu, &rs);
         mean_p[row] = mu;
         rstd_p[row] = rs;
         acc_t* orow = output_row<scalar_t, acc_t>(op + at_, o_buffer.data());
-        const Vec rs_vec(rs);
-        if (affine) {
-          map3<acc_t>(orow, sr, w.data(), b.data(), dim, [&](auto v, auto wv, auto bv) {
-            if constexpr (std::is_same_v<decltype(v), acc_t>) return (v - mu) * rs * wv + bv;
-            else return at::vec::fmadd((v - mu_vec) * rs_vec, wv, bv);
-          });
-        } else {
-          map2<acc_t>(orow, sr, sr, dim, [&](auto v, auto) {
-            if constexpr (std::is_same_v<decltype(v), acc_t>) return (v - mu) * rs;
-            else return (v - mu_vec) * rs_vec;
-          });
-        }
+        norm_row(s_stored, mu, rs, w.data(), b.data(), orow, dim);
         store_row<scalar_t, acc_t>(orow, op + at_, dim);
       }
     });
@@ -150,7 +127,6 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   at::Tensor dweight, dbias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "add_layer_norm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
     const auto w = affine_or<scalar_t>(weight, dim, 1.0);
     const DropoutRow<acc_t> drop{seed_v, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
     const scalar_t* dyp = dy_c.data_ptr<scalar_t>();
@@ -162,8 +138,8 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
     scalar_t* dxp = dropout ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* partial_p = need_partials ? partials.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<acc_t> dy_buffer(dim), s_buffer(dim), gs_buffer(dim), g_buffer(dim), xhat(dim), ds_buffer(dim),
-          dx_buffer(dim), m_buffer(dropout ? dim : 0);
+      std::vector<acc_t> dy_buffer(dim), s_buffer(dim), gs_buffer(dim), ds_buffer(dim), dx_buffer(dim),
+          m_buffer(dropout ? dim : 0);
       for (int64_t block = block_begin; block < block_end; ++block) {
         acc_t* dw_part = need_partials ? partial_p + (2 * block) * dim : nullptr;
         acc_t* db_part = need_partials ? partial_p + (2 * block + 1) * dim : nullptr;
@@ -177,50 +153,16 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
           const acc_t* dy = load_row<scalar_t, acc_t>(dyp + at_, dy_buffer.data(), dim);
           const acc_t* sr = load_row<scalar_t, acc_t>(sp + at_, s_buffer.data(), dim);
           const acc_t mu = mean_p[row], rs = rstd_p[row];
-          const Vec mu_vec(mu), rs_vec(rs);
-          // xhat, g = dy * w, and the two row sums
-          Vec sum_g(acc_t(0)), sum_gx(acc_t(0));
-          int64_t j = 0;
-          for (; j + Vec::size() <= dim; j += Vec::size()) {
-            const Vec xh = (Vec::loadu(sr + j) - mu_vec) * rs_vec;
-            const Vec g = Vec::loadu(dy + j) * Vec::loadu(w.data() + j);
-            xh.store(xhat.data() + j);
-            g.store(g_buffer.data() + j);
-            sum_g = sum_g + g;
-            sum_gx = at::vec::fmadd(g, xh, sum_gx);
-          }
-          acc_t c1 = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum_g);
-          acc_t c2 = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum_gx);
-          for (; j < dim; ++j) {
-            xhat[j] = (sr[j] - mu) * rs;
-            g_buffer[j] = dy[j] * w[j];
-            c1 += g_buffer[j];
-            c2 += g_buffer[j] * xhat[j];
-          }
-          c1 /= static_cast<acc_t>(dim);
-          c2 /= static_cast<acc_t>(dim);
-          const Vec c1_vec(c1), c2_vec(c2);
+          acc_t c1, c2;
+          norm_backward_sums(dy, sr, w.data(), mu, rs, dim, &c1, &c2);
+          const acc_t* gs = gsp ? load_row<scalar_t, acc_t>(gsp + at_, gs_buffer.data(), dim) : nullptr;
+          if (dropout) drop.fill(at_, dim, m_buffer.data());
           acc_t* ds = output_row<scalar_t, acc_t>(drp + at_, ds_buffer.data());
-          map2<acc_t>(ds, g_buffer.data(), xhat.data(), dim, [&](auto g, auto xh) {
-            if constexpr (std::is_same_v<decltype(g), acc_t>) return rs * (g - c1 - xh * c2);
-            else return rs_vec * (g - c1_vec - xh * c2_vec);
-          });
-          if (gsp) {
-            const acc_t* gs = load_row<scalar_t, acc_t>(gsp + at_, gs_buffer.data(), dim);
-            map2<acc_t>(ds, ds, gs, dim, [](auto a, auto b) { return a + b; });
-          }
-          if (dropout) {
-            drop.fill(at_, dim, m_buffer.data());
-            acc_t* dxr = output_row<scalar_t, acc_t>(dxp + at_, dx_buffer.data());
-            map2<acc_t>(dxr, ds, m_buffer.data(), dim, [](auto a, auto m) { return a * m; });
-            store_row<scalar_t, acc_t>(dxr, dxp + at_, dim);
-          }
+          acc_t* dxr = dropout ? output_row<scalar_t, acc_t>(dxp + at_, dx_buffer.data()) : nullptr;
+          norm_backward_row(dy, sr, w.data(), gs, dropout ? m_buffer.data() : nullptr, mu, rs, c1, c2, ds, dxr,
+                            dw_part, db_part, dim);
           store_row<scalar_t, acc_t>(ds, drp + at_, dim);
-          if (need_partials) {
-            map3<acc_t>(dw_part, dw_part, dy, xhat.data(), dim,
-                        [](auto acc, auto d, auto xh) { return acc + d * xh; });
-            map2<acc_t>(db_part, db_part, dy, dim, [](auto acc, auto d) { return acc + d; });
-          }
+          if (dropout) store_row<scalar_t, acc_t>(dxr, dxp + at_, dim);
         }
       }
     });

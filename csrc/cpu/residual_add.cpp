@@ -7,6 +7,7 @@
 #include "../ops.h"
 #include "../philox.h"
 #include "dropout.h"
+#include "row_math.h"
 #include "rows.h"
 
 namespace fasttf {
@@ -20,7 +21,6 @@ template <typename scalar_t>
 void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t n, double dropout_p,
                  uint64_t seed) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const bool dropout = dropout_p > 0.0;
   const DropoutRow<acc_t> drop{seed, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
   at::parallel_for(0, n, 4 * kChunk, [&](int64_t begin, int64_t end) {
@@ -30,21 +30,11 @@ void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int
       const acc_t* xr = load_row<scalar_t, acc_t>(x + c, x_buffer, len);
       acc_t* orow = output_row<scalar_t, acc_t>(out + c, o_buffer);
       if (dropout) drop.fill(c, len, m_buffer);
-      if (residual && dropout) {
-        const acc_t* rr = load_row<scalar_t, acc_t>(residual + c, r_buffer, len);
-        map3<acc_t>(orow, xr, m_buffer, rr, len, [](auto a, auto m, auto r) { return r + a * m; });
-      } else if (residual) {
-        const acc_t* rr = load_row<scalar_t, acc_t>(residual + c, r_buffer, len);
-        map2<acc_t>(orow, xr, rr, len, [](auto a, auto r) { return r + a; });
-      } else if (dropout) {
-        map2<acc_t>(orow, xr, m_buffer, len, [](auto a, auto m) { return a * m; });
-      } else {
-        map2<acc_t>(orow, xr, xr, len, [](auto a, auto) { return a; });
-      }
+      const acc_t* rr = residual ? load_row<scalar_t, acc_t>(residual + c, r_buffer, len) : nullptr;
+      add_row(xr, rr, dropout ? m_buffer : nullptr, orow, len);
       store_row<scalar_t, acc_t>(orow, out + c, len);
     }
   });
-  (void)sizeof(Vec);
 }
 
 }  // namespace
