@@ -15,6 +15,7 @@
 
 #include "../args.h"
 #include "../ops.h"
+#include "row_math.h"
 #include "rows.h"
 
 namespace fasttf {
@@ -86,7 +87,6 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_c.scalar_type(), "positional_encoding_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
     const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
     at::Tensor table;
     if (min_offset >= 0) table = sinusoid_table(dim, base, acc_dtype, max_offset + layout.length);
@@ -95,7 +95,6 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
     const scalar_t* xp = x_c.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t scale_acc = static_cast<acc_t>(scale);
-    const Vec scale_vec(scale_acc);
     at::parallel_for(0, layout.rows, std::max<int64_t>(1, 16384 / dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_buffer(dim), y_buffer(dim), pe_buffer(table_data ? 0 : dim);
       for (int64_t r = begin; r < end; ++r) {
@@ -111,10 +110,7 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
         }
         const acc_t* xr = load_row<scalar_t, acc_t>(xp + r * dim, x_buffer.data(), dim);
         acc_t* yr = output_row<scalar_t, acc_t>(yp + r * dim, y_buffer.data());
-        map2<acc_t>(yr, xr, pe, dim, [&](auto a, auto b) {
-          if constexpr (std::is_same_v<decltype(a), acc_t>) return a * scale_acc + b;
-          else return at::vec::fmadd(a, scale_vec, b);
-        });
+        scale_add_row(xr, scale_acc, pe, yr, dim);
         store_row<scalar_t, acc_t>(yr, yp + r * dim, dim);
       }
     });
@@ -140,7 +136,7 @@ at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale) {
         const int64_t len = std::min(kChunk, end - c);
         const acc_t* gr = load_row<scalar_t, acc_t>(gp + c, g_buffer, len);
         acc_t* dr = output_row<scalar_t, acc_t>(dp + c, d_buffer);
-        map2<acc_t>(dr, gr, gr, len, [&](auto a, auto) { return a * decltype(a)(scale_acc); });
+        scale_add_row(gr, scale_acc, static_cast<const acc_t*>(nullptr), dr, len);
         store_row<scalar_t, acc_t>(dr, dp + c, len);
       }
     });

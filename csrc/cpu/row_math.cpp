@@ -29,6 +29,14 @@ namespace cpu {
       _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) out[j] = x[j];                                        \
     }                                                                                                          \
   }                                                                                                            \
+  FASTTF_CLONES void scale_add_row(const T* __restrict x, T scale, const T* __restrict pe, T* __restrict out,   \
+                                   int64_t n) {                                                                \
+    if (pe) {                                                                                                  \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) out[j] = x[j] * scale + pe[j];                        \
+    } else {                                                                                                   \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) out[j] = x[j] * scale;                                \
+    }                                                                                                          \
+  }                                                                                                            \
   FASTTF_CLONES void row_stats(const T* __restrict s, int64_t n, T eps, T* mean, T* rstd) {                      \
     T sum = 0;                                                                                                 \
     _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; ++j) sum += s[j];                         \
