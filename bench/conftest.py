@@ -4,7 +4,8 @@ over the eager twin of its group (the implementation a user writes today), measu
     pytest bench --benchmark-json bench/results/latest.json     # the full suite on this device
     pytest bench --tiny --benchmark-disable                      # CI: every entry runs once, tiny shapes
 
-FASTTF_BENCH_THREADS=n sets torch's CPU threads, FASTTF_BENCH_BUDGET_S the seconds of timed calls
+FASTTF_BENCH_THREADS=n sets torch's CPU threads, FASTTF_BENCH_MALLOC=default keeps glibc's malloc
+thresholds (see steady_malloc), FASTTF_BENCH_BUDGET_S the seconds of timed calls
 per entry (harness.py). `--tiny` (or FASTTF_BENCH_TINY=1) selects the tiny shapes; it must be known before the suites are
 collected, so it is turned into the environment variable here, before harness.py is imported.
 """
@@ -24,9 +25,36 @@ def pytest_addoption(parser):
                      help="fasttf benchmarks: tiny shapes only (CI, with --benchmark-disable)")
 
 
+def steady_malloc() -> str:
+    """glibc only: serve every CPU tensor from the heap and never give it back to the system.
+
+    By default glibc mmaps each block above a threshold that it moves as blocks are freed, so
+    whether an op's fresh output costs page faults (here ~10 ms for 8 MiB, more than the op
+    itself) depends on what ran before it, and every block >= 32 MiB pays them on every call. A
+    fixed 1 GiB mmap and trim threshold measures the kernels on a warm allocator instead, the same
+    for every implementation. FASTTF_BENCH_MALLOC=default keeps glibc's behaviour.
+    """
+    if os.environ.get("FASTTF_BENCH_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return "glibc defaults"
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "system defaults (no glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "glibc mallopt: mmap and trim thresholds 1 GiB (warm heap, no per-call page faults)"
+    return "glibc defaults (mallopt refused)"
+
+
+MALLOC = "not set"
+
+
 def pytest_configure(config):
+    global MALLOC
     if config.getoption("--tiny", default=False):
         os.environ["FASTTF_BENCH_TINY"] = "1"
+    MALLOC = steady_malloc()
     sys.path.insert(0, os.path.dirname(__file__))
     threads = os.environ.get("FASTTF_BENCH_THREADS")
     if threads:  # e.g. 1 on a loaded shared machine, where threads wait on each other's time slices
@@ -47,6 +75,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "tiny": harness.TINY,
         "load_average_at_end": os.getloadavg(),
         "cpu_threads": torch.get_num_threads(),
+        "malloc": MALLOC,
     }
     try:
         import triton

@@ -3,7 +3,7 @@
     python bench/report.py RESULTS.json [--out DIR]
 
 writes, into DIR (default: bench/results/), files named after the device the run measured
-(e.g. `cpu-amd-epyc-2-cores`, `cuda-nvidia-h100-80gb-hbm3`):
+(e.g. `cpu-amd-epyc-2-cores-1-thread`, `cuda-nvidia-h100-80gb-hbm3`):
 
     <device>.md                 one Markdown table: group, implementation, median time, throughput,
                                 speedup vs the group's eager twin, peak memory
@@ -34,9 +34,14 @@ def slug(text: str) -> str:
 
 
 def device_slug(data: dict) -> str:
+    """e.g. cuda-nvidia-h100-80gb-hbm3, or cpu-amd-epyc-2-cores-1-thread (CPU: torch's thread count too)."""
     info = data.get("machine_info", {}).get("fasttf", {})
     device, name = info.get("device", "cpu"), info.get("device_name", "unknown")
-    return slug(name if name.lower().startswith(device) else f"{device} {name}")
+    stem = name if name.lower().startswith(device) else f"{device} {name}"
+    if device == "cpu" and info.get("cpu_threads"):
+        threads = info["cpu_threads"]
+        stem += f" {threads} thread" + ("s" if threads > 1 else "")
+    return slug(stem)
 
 
 def format_time(seconds: float) -> str:
@@ -109,8 +114,8 @@ def markdown(data: dict) -> str:
         f"# fasttf benchmarks: {info.get('device_name', 'unknown device')}",
         "",
         f"- run: {data.get('datetime', '?')}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
-        f"{info.get('cpu_threads', '?')} torch threads; Triton interpreter: "
-        f"{interpreter}",
+        f"{info.get('cpu_threads', '?')} torch thread(s); Triton interpreter: "
+        f"{interpreter}; CPU memory: {info.get('malloc', '?')}",
         *([f"- GPU clocks at the end (SM, max SM, memory, power limit, temperature; not locked): "
            f"{info['gpu_clocks_at_end']}"] if info.get("gpu_clocks_at_end") else []),
         f"- load average at the end of the run: {', '.join(f'{x:.2f}' for x in info.get('load_average_at_end', []))}"
