@@ -17,22 +17,7 @@ from fasttf.testing import assert_close_to_reference
 SRC_VOCAB, TGT_VOCAB, PAD, EOS = 11, 13, 0, 1
 SMALL = dict(d_model=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24,
              dropout=0.0, max_len=16)
-
-
-def fasttf_backend_ready():
-    """The fasttf backend needs the attention kernel, positional_encoding and add_layer_norm."""
-    try:
-        model = Transformer(5, 5, d_model=2, num_heads=1, num_encoder_layers=1, num_decoder_layers=1,
-                            dim_feedforward=2, dropout=0.0, backend="fasttf")
-        model(torch.tensor([[3, 1]]), torch.tensor([[1, 4]]), torch.tensor([[4, 1]]))[1].backward()
-    except NotImplementedError as error:
-        return str(error)
-    return None
-
-
-_missing = fasttf_backend_ready()
-needs_fasttf = pytest.mark.skipif(_missing is not None, reason=f"fasttf backend incomplete: {_missing}")
-BACKENDS = [pytest.param("fasttf", marks=needs_fasttf), "torch"]
+BACKENDS = ["fasttf", "torch"]
 
 
 def make_model(backend, seed=0, **overrides):
@@ -71,7 +56,6 @@ def test_both_backends_have_the_same_state_dict_keys():
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), plain.state_dict().values()))
 
 
-@needs_fasttf
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
 def test_same_weights_give_the_same_logits_loss_and_gradients(norm_first):
     """fasttf (float32) against the torch backend in float64, within 2x the error of the torch
@@ -86,6 +70,43 @@ def test_same_weights_give_the_same_logits_loss_and_gradients(norm_first):
     assert_close_to_reference(got[1], want[1], torch32[1], name="loss")
     for name in want[2]:
         assert_close_to_reference(got[2][name], want[2][name], torch32[2][name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_the_fasttf_backend_runs_fasttf_ops_and_the_torch_backend_none(norm_first, monkeypatch):
+    import fasttf.models.transformer as module
+
+    calls = {"sdpa": 0, "pe": 0, "add_ln": 0, "nn.MultiheadAttention": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(module, "fasttf_sdpa", counting("sdpa", module.fasttf_sdpa))
+    monkeypatch.setattr(module, "fasttf_positional_encoding", counting("pe", module.fasttf_positional_encoding))
+    monkeypatch.setattr(module, "fasttf_add_layer_norm", counting("add_ln", module.fasttf_add_layer_norm))
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", counting("nn.MultiheadAttention", nn.MultiheadAttention.forward))
+    src, tgt_in, tgt_out = batch()
+    make_model("fasttf", norm_first=norm_first)(src, tgt_in, tgt_out)[1].backward()
+    # 2 encoder layers x 1 attention + 2 decoder layers x 2; 2 PE; 2 x 2 + 2 x 3 add + LayerNorm
+    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "nn.MultiheadAttention": 0}
+    make_model("torch", norm_first=norm_first)(src, tgt_in, tgt_out)
+    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "nn.MultiheadAttention": 6}
+
+
+def test_dropout_trains_on_the_fasttf_backend():
+    model = make_model("fasttf", dropout=0.2)
+    src, tgt_in, tgt_out = batch()
+    torch.manual_seed(0)
+    first, loss = model(src, tgt_in, tgt_out)
+    loss.backward()
+    second, _ = model(src, tgt_in, tgt_out)
+    evaluated, _ = model.eval()(src, tgt_in, tgt_out)
+    assert not torch.allclose(first, second)  # a fresh dropout mask each call
+    assert torch.equal(evaluated, model(src, tgt_in, tgt_out)[0])  # none in eval
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
