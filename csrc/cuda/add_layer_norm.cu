@@ -7,7 +7,7 @@
 //              ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_s
 //              dresidual = ds, dx = ds * m (m regenerated from the seed, ../philox.h)
 //   dweight = sum_rows dout * xhat, dbias = sum_rows dout, deterministic and without atomics:
-//     stage 1: block (column tile, row chunk) writes its partial sums for kChunkRows rows
+//     stage 1: block (column tile, row chunk) writes its partial sums for a chunk of >= 64 rows
 //     stage 2: one thread per column adds the chunks' partials in chunk order.
 #include "common.cuh"
 
@@ -15,7 +15,14 @@ namespace fasttf {
 namespace cuda {
 namespace {
 
-constexpr int kChunkRows = 64;
+constexpr int64_t kMinChunkRows = 64;
+constexpr int64_t kMaxChunks = 65535;  // gridDim.y
+
+// Rows per chunk of the dweight/dbias partial sums: 64, more when there are > 65535 chunks.
+int64_t chunk_rows(int64_t rows) {
+  const int64_t needed = (rows + kMaxChunks - 1) / kMaxChunks;
+  return needed > kMinChunkRows ? needed : kMinChunkRows;
+}
 constexpr int kColumnThreads = 256;
 
 int row_threads(int64_t dim, int vec) {
@@ -147,13 +154,14 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
 template <typename T>
 __global__ void affine_partials_kernel(const T* __restrict__ grad_out, const T* __restrict__ s,
                                        const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-                                       float* __restrict__ partials, int64_t rows, int64_t dim) {
+                                       float* __restrict__ partials, int64_t rows, int64_t dim,
+                                       int64_t rows_per_chunk) {
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   if (col >= dim) return;
-  const int64_t row_end = min(rows, (chunk + 1) * kChunkRows);
+  const int64_t row_end = min(rows, (chunk + 1) * rows_per_chunk);
   float dw = 0.0f, db = 0.0f;
-  for (int64_t row = chunk * kChunkRows; row < row_end; ++row) {
+  for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
     const float dy = to_float(grad_out[row * dim + col]);
     const float xhat = (to_float(s[row * dim + col]) - mean_in[row]) * rstd_in[row];
     dw += dy * xhat;
@@ -180,7 +188,10 @@ __global__ void affine_reduce_kernel(const float* __restrict__ partials, T* __re
 
 }  // namespace
 
-int64_t add_layer_norm_partial_rows(int64_t rows) { return 2 * ((rows + kChunkRows - 1) / kChunkRows); }
+int64_t add_layer_norm_partial_rows(int64_t rows) {
+  const int64_t per_chunk = chunk_rows(rows);
+  return 2 * ((rows + per_chunk - 1) / per_chunk);
+}
 
 cudaError_t launch_add_layer_norm(DType dtype, const void* x, const void* residual, const void* weight,
                                   const void* bias, void* out, void* s, float* mean, float* rstd, int64_t rows,
@@ -236,12 +247,13 @@ cudaError_t launch_add_layer_norm_backward(DType dtype, const void* grad_out, co
     }
     cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess || (dweight == nullptr && dbias == nullptr)) return error;
-    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+    const int64_t per_chunk = chunk_rows(rows);
+    const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
     const dim3 grid(static_cast<unsigned int>((dim + kColumnThreads - 1) / kColumnThreads),
                     static_cast<unsigned int>(chunks));
     affine_partials_kernel<T><<<grid, kColumnThreads, 0, stream>>>(static_cast<const T*>(grad_out),
                                                                    static_cast<const T*>(s), mean, rstd, partials,
-                                                                   rows, dim);
+                                                                   rows, dim, per_chunk);
     affine_reduce_kernel<T><<<static_cast<unsigned int>((dim + kColumnThreads - 1) / kColumnThreads), kColumnThreads,
                              0, stream>>>(partials, static_cast<T*>(dweight), static_cast<T*>(dbias), chunks, dim);
     return cudaGetLastError();
