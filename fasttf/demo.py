@@ -372,7 +372,7 @@ def attention_figure(model, source_vocab, target_vocab, english, spanish, device
               "encoder-decoder attention": (target_words, source_words)}
     rows = [(kind, layer) for kind in maps for layer in range(len(maps[kind]))]
     heads = model.num_heads
-    figure, axes = plt.subplots(len(rows), heads, figsize=(2.6 * heads + 1, 2.4 * len(rows)), squeeze=False)
+    figure, axes = plt.subplots(len(rows), heads, figsize=(max(2.6 * heads + 1, 4.5), 2.4 * len(rows) + 0.4), squeeze=False)
     for row, (kind, layer) in enumerate(rows):
         queries, keys = labels[kind]
         for head in range(heads):
@@ -386,7 +386,7 @@ def attention_figure(model, source_vocab, target_vocab, english, spanish, device
             axis.set_xticks(range(len(keys)), keys, fontsize=7, rotation=30)
             axis.set_yticks(range(len(queries)), queries, fontsize=7)
             axis.set_title(f"{kind}\nlayer {layer + 1}, head {head + 1}", fontsize=8)
-    figure.suptitle(f"attention weights for {english!r} -> {spanish!r} (rows: queries, columns: keys)",
+    figure.suptitle(f"attention weights for {english!r} -> {spanish!r}\n(rows: queries, columns: keys)",
                     fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
