@@ -16,7 +16,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
 # Triton kernels run under the Triton interpreter where there is no GPU.
 INTERPRET = $(shell $(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)" 2>/dev/null || echo 1)
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
 .PHONY: install demo check test bench clean
 
@@ -40,10 +40,14 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 install: $(VENV)/.built
 
 demo: install
+	TRITON_INTERPRET=$(INTERPRET) $(PY) -m fasttf.demo --out demo_out $(ARGS)
+
+check: install
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m fasttf.check
 
 test: install
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m pytest -q tests
+	TRITON_INTERPRET=$(INTERPRET) $(PY) -m pytest -q bench --tiny --benchmark-disable
 
 bench: install
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m pytest bench --benchmark-json bench/results/latest.json
