@@ -1,7 +1,8 @@
 # fasttf: `make demo` runs the main job, `make test` the test suite. Both set everything up first
 # in a local virtual environment (.venv):
 #  - a machine whose python3 already has torch with a working CUDA GPU: the venv sees that torch
-#    and triton (--system-site-packages) and nothing is downloaded for them;
+#    and triton (--system-site-packages, and a .pth file naming python3's own site-packages for
+#    when python3 is itself a venv) and nothing is downloaded for them;
 #  - otherwise (no GPU): the CPU build of torch==$(TORCH_VERSION) (a local file on this project's
 #    machines) and triton==$(TRITON_VERSION); no CUDA package is ever downloaded.
 # The extension fasttf._C is built with CUDA when torch is a CUDA build and nvcc is found.
@@ -23,7 +24,9 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h c
 $(VENV)/.deps:
 	@if $(PYTHON) -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "fasttf: using the CUDA torch and triton of $(PYTHON)"; \
-		$(PYTHON) -m venv --system-site-packages $(VENV); \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && \
+		$(PYTHON) -c "import site, sysconfig; print(sysconfig.get_paths()['purelib'])" \
+			> "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/fasttf-parent.pth"; \
 	else \
 		echo "fasttf: no CUDA GPU: installing torch==$(TORCH_VERSION) (CPU build) and triton==$(TRITON_VERSION)"; \
 		$(PYTHON) -m venv $(VENV) && \

@@ -2,11 +2,22 @@
 
 Tests that check the fallback itself turn it off with monkeypatch.delenv("FASTTF_STRICT").
 Triton kernels run under the interpreter on a machine without a GPU: `make test` sets
-TRITON_INTERPRET=1 before Triton is imported.
+TRITON_INTERPRET=1 before Triton is imported. On a machine with a GPU it leaves the interpreter
+off and the kernel tests run on CUDA (float16, bfloat16, float32).
 """
+
+import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+
+# One kernel per test instead of the autotuner's whole list (kernels/attention.py): the suite checks
+# results, not speed. Set before any test module imports fasttf.
+os.environ.setdefault("FASTTF_AUTOTUNE", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
@@ -16,4 +27,39 @@ def _strict(monkeypatch):
 
 def devices():
     """The devices a kernel test runs on: the CPU always, CUDA when there is a GPU."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return ["cpu"] + (["cuda"] if GPU else [])
+
+
+def kernel_device() -> str:
+    """Where the Triton attention kernel runs in this session: the GPU when there is one and the
+    interpreter is off (`make test` on a GPU machine), else the CPU under the interpreter."""
+    return "cuda" if GPU and not INTERPRET else "cpu"
+
+
+class _FactoriesOnGPU(TorchFunctionMode):
+    """torch.set_default_device("cuda"), except that a tensor drawn from a CPU generator is drawn
+    on the CPU and then moved: the same numbers as on a machine without a GPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _device_constructors() and kwargs.get("device") is None:
+            generator = kwargs.get("generator")
+            if generator is not None and generator.device.type == "cpu":
+                requires_grad = kwargs.pop("requires_grad", False)
+                return func(*args, **kwargs).to("cuda").requires_grad_(requires_grad)
+            kwargs["device"] = "cuda"
+        return func(*args, **kwargs)
+
+
+# Modules whose tests build models and tensors without naming a device: on a GPU machine (no
+# interpreter) their tensors and modules are made on the GPU, where fasttf's attention kernel runs.
+ON_KERNEL_DEVICE = {"test_attention", "test_multihead_attention", "test_multihead_attention_swap", "test_models"}
+
+
+@pytest.fixture(autouse=True)
+def _default_device(request):
+    if kernel_device() == "cuda" and request.module.__name__.rsplit(".", 1)[-1] in ON_KERNEL_DEVICE:
+        with _FactoriesOnGPU():
+            yield
+    else:
+        yield

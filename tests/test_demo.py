@@ -6,7 +6,10 @@ import pytest
 
 from fasttf import demo
 
-TINY = ["--device", "cpu", "--d-model", "8", "--heads", "1", "--ffn", "8", "--steps", "4", "--batch-size", "4"]
+from conftest import kernel_device
+
+DEVICE = kernel_device()  # the GPU where there is one (no interpreter), else the CPU under the interpreter
+TINY = ["--device", DEVICE, "--d-model", "8", "--heads", "1", "--ffn", "8", "--steps", "4", "--batch-size", "4"]
 
 
 def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(tmp_path, capsys):
@@ -15,7 +18,8 @@ def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(
     assert code in (0, 1)  # 1 when four steps did not teach "let's go" -> "vamos"
     assert re.search(r"step\s+4/4 loss", output), output
     assert re.search(r"let's go\s+-> ", output) and "held-out sentences translated exactly" in output
-    assert "backend=fasttf on cpu (Triton interpreter)" in output
+    where = "cpu (Triton interpreter)" if DEVICE == "cpu" else "cuda:0"
+    assert f"backend=fasttf on {where}" in output, output
     difference = float(re.search(r"largest logit difference: (\S+)", output).group(1))
     assert difference < 1e-4, output  # float32 logits of size ~1, same weights: rounding only
     assert re.search(r"training step: fasttf [\d.]+ ms, torch [\d.]+ ms", output), output
