@@ -11,7 +11,7 @@ namespace fasttf {
 
 inline void check_dropout(const char* op, double dropout_p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "fasttf.", op, ": expected dropout_p in [0, 1), got ",
-                    dropout_p);
+                    float_str(dropout_p));
   if (dropout_p > 0.0) {
     TORCH_CHECK_VALUE(seed.has_value() && seed->defined(), "fasttf.", op,
                       ": dropout_p > 0 needs a seed (a 0-dim int64 CPU tensor)");
@@ -19,7 +19,7 @@ inline void check_dropout(const char* op, double dropout_p, const std::optional<
   if (seed.has_value() && seed->defined()) {
     TORCH_CHECK_VALUE(seed->dim() == 0 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), "fasttf.",
                       op, ": expected seed to be a 0-dim int64 CPU tensor, got ", seed->scalar_type(), " of shape ",
-                      seed->sizes(), " on ", seed->device());
+                      shape_str(seed->sizes()), " on ", seed->device().str());
   }
 }
 
@@ -39,8 +39,8 @@ inline PositionLayout check_positional_encoding(const at::Tensor& x, const std::
   const char* op = "positional_encoding";
   check_floating(op, x, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "fasttf.positional_encoding: expected x of shape (N, T, D), ",
-                    "(T, N, D) or (T, D), got ", x.sizes());
-  TORCH_CHECK_VALUE(base > 0.0, "fasttf.positional_encoding: expected base > 0, got ", base);
+                    "(T, N, D) or (T, D), got ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(base > 0.0, "fasttf.positional_encoding: expected base > 0, got ", float_str(base));
   PositionLayout layout{};
   layout.dim = x.size(-1);
   layout.rows = layout.dim == 0 ? 0 : x.numel() / layout.dim;
@@ -63,8 +63,9 @@ inline PositionLayout check_positional_encoding(const at::Tensor& x, const std::
     TORCH_CHECK_VALUE(o.scalar_type() == at::kLong, "fasttf.positional_encoding: expected offset to be an int or ",
                       "an int64 tensor, got ", o.scalar_type());
     TORCH_CHECK_VALUE(x.dim() == 3 && o.dim() == 1 && o.size(0) == layout.batch,
-                      "fasttf.positional_encoding: expected a tensor offset of shape (N,) = (", layout.batch,
-                      ",) for x of shape ", x.sizes(), " (batch_first=", batch_first, "), got ", o.sizes());
+                      "fasttf.positional_encoding: expected a tensor offset of shape (N,) = (", int_str(layout.batch),
+                      ",) for x of shape ", shape_str(x.sizes()), " (batch_first=", bool_str(batch_first), "), got ",
+                      shape_str(o.sizes()));
   }
   return layout;
 }
@@ -82,7 +83,8 @@ inline void check_norm_affine(const char* op, const at::Tensor& x, const std::op
   check_same_device(op, x, "x", *param, name);
   check_same_dtype(op, x, "x", *param, name);
   TORCH_CHECK_VALUE(param->dim() == 1 && param->size(0) == x.size(-1), "fasttf.", op, ": expected ", name,
-                    " of shape (", x.size(-1), ",) (the last dim of x), got ", param->sizes());
+                    " of shape (", int_str(x.size(-1)), ",) (the last dim of x), got ",
+                    shape_str(param->sizes()));
 }
 
 inline void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
@@ -91,10 +93,10 @@ inline void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual
   const char* op = "add_layer_norm";
   check_residual_pair(op, x, residual);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fasttf.add_layer_norm: expected x with a non-empty last dim, ",
-                    "got ", x.sizes());
+                    "got ", shape_str(x.sizes()));
   check_norm_affine(op, x, weight, "weight");
   check_norm_affine(op, x, bias, "bias");
-  TORCH_CHECK_VALUE(eps >= 0.0, "fasttf.add_layer_norm: expected eps >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0.0, "fasttf.add_layer_norm: expected eps >= 0, got ", float_str(eps));
   check_dropout(op, dropout_p, seed);
 }
 

@@ -110,7 +110,8 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   const int64_t dim = s.size(-1);
   const int64_t rows = dim == 0 ? 0 : s.numel() / dim;
   TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, "fasttf.", op, ": expected mean and rstd of ",
-                    rows, " values (one per row), got ", mean.numel(), " and ", rstd.numel());
+                    int_str(rows), " values (one per row), got ", int_str(mean.numel()), " and ",
+                    int_str(rstd.numel()));
   const auto stat_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto dy_c = grad_out.contiguous();
   const auto s_c = s.contiguous();

@@ -1,7 +1,8 @@
 // The CUDA implementations of the fasttf ops (compiled only in a CUDA build, FASTTF_WITH_CUDA):
 // the shared argument checks, contiguous inputs and fresh outputs, then the raw-pointer
-// launchers of the .cu files on the current stream. CUDA supports float32, float16, bfloat16.
-#include <ATen/cuda/CUDAContext.h>
+// launchers of the .cu files on the current stream. The dtypes are the CPU's: float32, float64,
+// float16 and bfloat16.
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../args.h"
@@ -15,13 +16,17 @@ namespace {
 DType cuda_dtype(const char* op, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fasttf.", op, ": on CUDA expected float32, float16 or bfloat16 tensors, got ",
+      TORCH_CHECK(false, "fasttf.", op, ": expected float32, float64, float16 or bfloat16 tensors, got ",
                   t.scalar_type());
   }
 }
+
+// mean and rstd of add_layer_norm, and its dweight/dbias partial sums: float64 for float64, else float32.
+at::ScalarType stat_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "fasttf.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
@@ -41,9 +46,9 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
   auto y = at::empty_like(x_c);
   at::Tensor offsets_c = has(offsets) ? offsets->contiguous() : at::Tensor();
   PositionArgs args{layout.rows, layout.dim, layout.t_div, layout.t_mod, layout.n_div, layout.n_mod, offset,
-                    offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr, static_cast<float>(scale), base};
+                    offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr, scale, base};
   check_launch("positional_encoding", launch_positional_encoding(dtype, x_c.data_ptr(), y.data_ptr(), args,
-                                                                 at::cuda::getCurrentCUDAStream()));
+                                                                 c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -52,9 +57,8 @@ at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   auto dx = at::empty_like(g);
-  check_launch("positional_encoding_backward", launch_scale(dtype, g.data_ptr(), dx.data_ptr(), g.numel(),
-                                                            static_cast<float>(scale),
-                                                            at::cuda::getCurrentCUDAStream()));
+  check_launch("positional_encoding_backward", launch_scale(dtype, g.data_ptr(), dx.data_ptr(), g.numel(), scale,
+                                                            c10::cuda::getCurrentCUDAStream()));
   return dx;
 }
 
@@ -68,7 +72,7 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double 
   auto out = at::empty_like(x_c);
   check_launch("residual_add", launch_residual_add(dtype, x_c.data_ptr(), r_c.data_ptr(), out.data_ptr(),
                                                    x_c.numel(), dropout_p, seed_value(seed),
-                                                   at::cuda::getCurrentCUDAStream()));
+                                                   c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -80,7 +84,7 @@ at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const
   auto dx = at::empty_like(g);
   check_launch("residual_add_backward", launch_residual_add(dtype, g.data_ptr(), nullptr, dx.data_ptr(), g.numel(),
                                                             dropout_p, seed_value(seed),
-                                                            at::cuda::getCurrentCUDAStream()));
+                                                            c10::cuda::getCurrentCUDAStream()));
   return dx;
 }
 
@@ -89,7 +93,7 @@ at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const Opt
   const c10::cuda::CUDAGuard guard(like.device());
   auto keep = at::empty(like.sizes(), like.options().dtype(at::kBool).memory_format(at::MemoryFormat::Contiguous));
   check_launch("dropout_keep_mask", launch_dropout_keep_mask(keep.data_ptr<bool>(), keep.numel(), dropout_p,
-                                                             seed_value(seed), at::cuda::getCurrentCUDAStream()));
+                                                             seed_value(seed), c10::cuda::getCurrentCUDAStream()));
   return keep;
 }
 
@@ -106,12 +110,12 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
   const int64_t rows = x_c.numel() / dim;
   auto out = at::empty_like(x_c);
   auto s = at::empty_like(x_c);
-  auto mean = at::empty({rows}, x_c.options().dtype(at::kFloat));
-  auto rstd = at::empty({rows}, x_c.options().dtype(at::kFloat));
+  auto mean = at::empty({rows}, x_c.options().dtype(stat_dtype(x_c)));
+  auto rstd = at::empty({rows}, x_c.options().dtype(stat_dtype(x_c)));
   check_launch("add_layer_norm",
                launch_add_layer_norm(dtype, x_c.data_ptr(), r_c.data_ptr(), ptr_or_null(w_c), ptr_or_null(b_c),
-                                     out.data_ptr(), s.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                     rows, dim, eps, dropout_p, seed_value(seed), at::cuda::getCurrentCUDAStream()));
+                                     out.data_ptr(), s.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                     rows, dim, eps, dropout_p, seed_value(seed), c10::cuda::getCurrentCUDAStream()));
   return {out, s, mean, rstd};
 }
 
@@ -132,11 +136,12 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   const int64_t dim = s.size(-1);
   const int64_t rows = dim == 0 ? 0 : s.numel() / dim;
   TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, "fasttf.", op, ": expected mean and rstd of ",
-                    rows, " values (one per row), got ", mean.numel(), " and ", rstd.numel());
+                    int_str(rows), " values (one per row), got ", int_str(mean.numel()), " and ",
+                    int_str(rstd.numel()));
   const auto dy_c = grad_out.contiguous();
   const auto s_c = s.contiguous();
-  const auto mean_c = mean.contiguous().to(at::kFloat);
-  const auto rstd_c = rstd.contiguous().to(at::kFloat);
+  const auto mean_c = mean.contiguous().to(stat_dtype(s));
+  const auto rstd_c = rstd.contiguous().to(stat_dtype(s));
   const at::Tensor gs_c = has(grad_s) ? grad_s->contiguous() : at::Tensor();
   const at::Tensor w_c = has(weight) ? weight->contiguous() : at::Tensor();
   const bool dropout = dropout_p > 0.0;
@@ -146,13 +151,13 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   auto dbias = at::empty({need_dbias ? dim : 0}, s_c.options());
   const bool need_partials = need_dweight || need_dbias;
   auto partials = at::empty({need_partials ? add_layer_norm_partial_rows(rows) : 0, dim},
-                            s_c.options().dtype(at::kFloat));
+                            s_c.options().dtype(stat_dtype(s_c)));
   check_launch(op, launch_add_layer_norm_backward(
-                       dtype, dy_c.data_ptr(), ptr_or_null(gs_c), s_c.data_ptr(), mean_c.data_ptr<float>(),
-                       rstd_c.data_ptr<float>(), ptr_or_null(w_c), dres.data_ptr(), mut_ptr_or_null(dx),
+                       dtype, dy_c.data_ptr(), ptr_or_null(gs_c), s_c.data_ptr(), mean_c.data_ptr(),
+                       rstd_c.data_ptr(), ptr_or_null(w_c), dres.data_ptr(), mut_ptr_or_null(dx),
                        mut_ptr_or_null(dweight), mut_ptr_or_null(dbias),
-                       need_partials ? partials.data_ptr<float>() : nullptr, rows, dim, dropout_p, seed_value(seed),
-                       at::cuda::getCurrentCUDAStream()));
+                       need_partials ? partials.data_ptr() : nullptr, rows, dim, dropout_p, seed_value(seed),
+                       c10::cuda::getCurrentCUDAStream()));
   return {dres, dx, dweight, dbias};
 }
 

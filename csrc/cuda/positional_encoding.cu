@@ -2,6 +2,7 @@
 //   PE(p, 2k) = sin(p * w_k), PE(p, 2k + 1) = cos(p * w_k), w_k = base^(-2k / D)
 // The angle is computed in registers in float64 (no table in memory): positions of many
 // thousands times w_0 = 1 need more than float32's 24 bits to stay within float32 rounding.
+// x * scale + PE is one fma in the compute type (float32, or float64 for float64 tensors).
 // Each thread handles VEC consecutive values of one row (16-byte accesses when aligned).
 // Also: the backward dx = dy * scale (launch_scale).
 #include "common.cuh"
@@ -12,6 +13,8 @@ namespace {
 
 template <typename T, int VEC>
 __global__ void positional_encoding_kernel(const T* __restrict__ x, T* __restrict__ y, PositionArgs args) {
+  using A = acc_t<T>;
+  const A scale = static_cast<A>(args.scale);
   const int64_t per_row = args.dim / VEC;
   const int64_t total = args.rows * per_row;
   const double log_base = log(args.base);
@@ -22,29 +25,29 @@ __global__ void positional_encoding_kernel(const T* __restrict__ x, T* __restric
     const int64_t t = (r / args.t_div) % args.t_mod;
     const int64_t n = (r / args.n_div) % args.n_mod;
     const double position = static_cast<double>(t + (args.offsets ? args.offsets[n] : args.offset));
-    float v[VEC];
-    load_floats<T, VEC>(x + r * args.dim + i0, v);
+    A v[VEC];
+    load_acc<T, VEC>(x + r * args.dim + i0, v);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t i = i0 + j;
       const double inv_freq = exp(-(2.0 * static_cast<double>(i / 2) / static_cast<double>(args.dim)) * log_base);
       const double angle = position * inv_freq;
-      const float pe = static_cast<float>((i & 1) ? cos(angle) : sin(angle));
-      v[j] = fmaf(v[j], args.scale, pe);
+      const A pe = static_cast<A>((i & 1) ? cos(angle) : sin(angle));
+      v[j] = fma_acc(v[j], scale, pe);
     }
-    store_floats<T, VEC>(y + r * args.dim + i0, v);
+    store_acc<T, VEC>(y + r * args.dim + i0, v);
   }
 }
 
 template <typename T, int VEC>
-__global__ void scale_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n, float scale) {
+__global__ void scale_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n, acc_t<T> scale) {
   for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item * VEC < n;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v[VEC];
-    load_floats<T, VEC>(x + item * VEC, v);
+    acc_t<T> v[VEC];
+    load_acc<T, VEC>(x + item * VEC, v);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] *= scale;
-    store_floats<T, VEC>(out + item * VEC, v);
+    store_acc<T, VEC>(out + item * VEC, v);
   }
 }
 
@@ -71,10 +74,11 @@ cudaError_t launch_positional_encoding(DType dtype, const void* x, void* y, cons
   });
 }
 
-cudaError_t launch_scale(DType dtype, const void* x, void* out, int64_t n, float scale, cudaStream_t stream) {
+cudaError_t launch_scale(DType dtype, const void* x, void* out, int64_t n, double scale_d, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const acc_t<T> scale = static_cast<acc_t<T>>(scale_d);
     const T* xp = static_cast<const T*>(x);
     T* op = static_cast<T*>(out);
     const int vec = pick_vec<T>(n, x, out);

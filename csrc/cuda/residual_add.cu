@@ -1,5 +1,6 @@
 // residual_add on the GPU, one pass:  out = residual + x * m,  m = keep(seed, i) / (1 - p)
-// (m = 1 when p == 0; residual == nullptr gives the dropout backward dx = dy * m). The keep bits
+// (m = 1 when p == 0; residual == nullptr gives the dropout backward dx = dy * m). The product
+// and the sum are rounded separately, as eager `residual + dropout(x)` rounds them. The keep bits
 // come from Philox(seed, i / 4) (../philox.h), the same stream as the CPU kernels. Each thread
 // handles VEC consecutive values (16-byte accesses when aligned). Also the keep-mask itself.
 #include "common.cuh"
@@ -10,22 +11,23 @@ namespace {
 
 template <typename T, int VEC, bool DROPOUT, bool RESIDUAL>
 __global__ void residual_add_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ out,
-                                    int64_t n, uint64_t seed, uint32_t threshold, float scale) {
+                                    int64_t n, uint64_t seed, uint32_t threshold, acc_t<T> scale) {
+  using A = acc_t<T>;
   for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item * VEC < n;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i0 = item * VEC;
-    float v[VEC], r[VEC], m[VEC];
-    load_floats<T, VEC>(x + i0, v);
+    A v[VEC], r[VEC], m[VEC];
+    load_acc<T, VEC>(x + i0, v);
     if (RESIDUAL) {
-      load_floats<T, VEC>(residual + i0, r);
+      load_acc<T, VEC>(residual + i0, r);
     }
     if (DROPOUT) dropout_multipliers<VEC>(seed, static_cast<uint64_t>(i0), threshold, scale, m);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float kept = DROPOUT ? v[j] * m[j] : v[j];
-      v[j] = RESIDUAL ? r[j] + kept : kept;
+      const A kept = DROPOUT ? mul_rn(v[j], m[j]) : v[j];
+      v[j] = RESIDUAL ? add_rn(r[j], kept) : kept;
     }
-    store_floats<T, VEC>(out + i0, v);
+    store_acc<T, VEC>(out + i0, v);
   }
 }
 
@@ -44,7 +46,7 @@ constexpr int kThreads = 256;
 
 template <typename T, int VEC>
 void launch_vec(const T* x, const T* residual, T* out, int64_t n, bool dropout, uint64_t seed, uint32_t threshold,
-                float scale, cudaStream_t stream) {
+                acc_t<T> scale, cudaStream_t stream) {
   const unsigned int blocks = blocks_for(n / VEC, kThreads);
   if (dropout && residual) {
     residual_add_kernel<T, VEC, true, true><<<blocks, kThreads, 0, stream>>>(x, residual, out, n, seed, threshold, scale);
@@ -64,17 +66,18 @@ cudaError_t launch_residual_add(DType dtype, const void* x, const void* residual
   if (n == 0) return cudaSuccess;
   const bool dropout = dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(dropout_p);
-  const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  const double scale = 1.0 / (1.0 - dropout_p);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const acc_t<T> scale_acc = static_cast<acc_t<T>>(scale);
     const T* xp = static_cast<const T*>(x);
     const T* rp = static_cast<const T*>(residual);
     T* op = static_cast<T*>(out);
     switch (pick_vec<T>(n, x, residual, out)) {
-      case 8: launch_vec<T, 8>(xp, rp, op, n, dropout, seed, threshold, scale, stream); break;
-      case 4: launch_vec<T, 4>(xp, rp, op, n, dropout, seed, threshold, scale, stream); break;
-      case 2: launch_vec<T, 2>(xp, rp, op, n, dropout, seed, threshold, scale, stream); break;
-      default: launch_vec<T, 1>(xp, rp, op, n, dropout, seed, threshold, scale, stream); break;
+      case 8: launch_vec<T, 8>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
+      case 4: launch_vec<T, 4>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
+      case 2: launch_vec<T, 2>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
+      default: launch_vec<T, 1>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
     }
     return cudaGetLastError();
   });
