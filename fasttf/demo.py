@@ -55,7 +55,8 @@ def parse_args(argv=None):
     size.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")
     parser.add_argument("--out", default="demo_out", help="folder for the figures and the checkpoint (default: demo_out)")
     parser.add_argument("--ddp", action="store_true",
-                        help="DistributedDataParallel under torchrun (gloo on the CPU, nccl on the GPU): "
+                        help="DistributedDataParallel under torchrun (gloo on the CPU, nccl on the GPU, gloo "
+                             "where processes share a GPU): "
                              "torchrun --nproc_per_node 2 -m fasttf.demo --ddp")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     args = parser.parse_args(argv)
@@ -191,13 +192,21 @@ def compare_backends(model, batch):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.ddp and "RANK" not in os.environ:
+        print("fasttf.demo: --ddp runs under torchrun: torchrun --nproc_per_node 2 -m fasttf.demo --ddp",
+              file=sys.stderr)
+        return 2
     if needs_interpreter(args) and "triton" in sys.modules:
+        if argv is not None:  # called as a function: never replace the caller's process
+            print("fasttf.demo: --device cpu needs TRITON_INTERPRET=1 set before triton is imported",
+                  file=sys.stderr)
+            return 2
         # Triton was imported without the interpreter: start again with it (same pid under torchrun).
         print("fasttf.demo: no GPU: restarting with TRITON_INTERPRET=1 so the Triton kernels run on the CPU",
               flush=True)
         os.environ["TRITON_INTERPRET"] = "1"
         sys.stdout.flush()
-        os.execv(sys.executable, COMMAND + (sys.argv[1:] if argv is None else list(argv)))
+        os.execv(sys.executable, COMMAND + sys.argv[1:])
     if needs_interpreter(args):
         os.environ["TRITON_INTERPRET"] = "1"
 
@@ -210,14 +219,14 @@ def main(argv=None) -> int:
 
     rank, world_size, local_rank = 0, 1, 0
     if args.ddp:
-        if "RANK" not in os.environ:
-            print("fasttf.demo: --ddp runs under torchrun: torchrun --nproc_per_node 2 -m fasttf.demo --ddp",
-                  file=sys.stderr)
-            return 2
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+        # nccl wants a GPU of its own per process; more processes than GPUs share them over gloo
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        one_gpu_each = args.device == "cuda" and processes_here <= torch.cuda.device_count()
+        dist.init_process_group("nccl" if one_gpu_each else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    gpu = local_rank % max(torch.cuda.device_count(), 1)
+    device = torch.device(f"cuda:{gpu}" if args.device == "cuda" else "cpu")
     if args.device == "cuda":
         torch.cuda.set_device(device)
 
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
               f"ffn={args.ffn}, {'pre' if args.pre_ln else 'post'}-LN, "
               f"{sum(p.numel() for p in model.parameters())} parameters; {args.steps} steps of "
               f"{args.batch_size} pairs")
-    trained = DistributedDataParallel(model, device_ids=[local_rank] if args.device == "cuda" else None) \
+    trained = DistributedDataParallel(model, device_ids=[gpu] if args.device == "cuda" else None) \
         if args.ddp else model
 
     start = time.perf_counter()

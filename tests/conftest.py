@@ -53,12 +53,19 @@ class _FactoriesOnGPU(TorchFunctionMode):
 
 # Modules whose tests build models and tensors without naming a device: on a GPU machine (no
 # interpreter) their tensors and modules are made on the GPU, where fasttf's attention kernel runs.
+# A test marked explicit_device is left alone: it builds on the CPU and moves to kernel_device().
 ON_KERNEL_DEVICE = {"test_attention", "test_multihead_attention", "test_multihead_attention_swap", "test_models"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "explicit_device: the test names kernel_device() itself; no default-device "
+                                       "mode (torch's fused fast paths and torch.compile see through none)")
 
 
 @pytest.fixture(autouse=True)
 def _default_device(request):
-    if kernel_device() == "cuda" and request.module.__name__.rsplit(".", 1)[-1] in ON_KERNEL_DEVICE:
+    if (kernel_device() == "cuda" and request.module.__name__.rsplit(".", 1)[-1] in ON_KERNEL_DEVICE
+            and request.node.get_closest_marker("explicit_device") is None):
         with _FactoriesOnGPU():
             yield
     else:

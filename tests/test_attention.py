@@ -385,36 +385,39 @@ def test_head_dim_above_256_falls_back():
 
 
 def bad_inputs():
-    q, k, v = make_inputs(2, 4, 5, 6, 8)
-    # (name, arguments, words the message must hold, whether torch's CPU SDPA refuses it too: its math
-    # path broadcasts batch sizes and ranks that fasttf refuses as mistakes)
+    # (name, the bad arguments made from good (q, k, v), words the message must hold, whether torch's
+    # SDPA refuses it too: its CPU math path broadcasts batch sizes and ranks that fasttf refuses as
+    # mistakes, and its CUDA kernels do not check dropout_p)
+    def ones(q, *shape, dtype):
+        return torch.ones(*shape, dtype=dtype, device=q.device)
+
     return [
-        ("rank", dict(query=q[0, 0], key=k[0, 0], value=v[0, 0]), "4-D", False),
-        ("mixed rank", dict(query=q, key=k[0], value=v[0]), "key 3-D", False),
-        ("batch", dict(key=k[:1], value=v[:1]), "batch", False),
-        ("heads", dict(key=k[:, :3], value=v[:, :3]), "heads", True),
-        ("value heads", dict(value=v[:, :2], enable_gqa=True), "value", False),
-        ("gqa not a multiple", dict(key=k[:, :3], value=v[:, :3], enable_gqa=True), "multiple", True),
-        ("head dim", dict(key=k[..., :7]), "head dim", True),
-        ("value length", dict(value=v[:, :, :5]), "value", False),
-        ("dtype", dict(key=k.double()), "dtype", True),
-        ("int mask", dict(attn_mask=torch.ones(5, 6, dtype=torch.int64)), "attn_mask", True),
-        ("float64 mask", dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)), "attn_mask", True),
-        ("mask shape", dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)), "attn_mask", True),
-        ("mask rank", dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), "attn_mask", True),
-        ("dropout_p", dict(dropout_p=1.5), "dropout_p", True),
-        ("meta device", dict(key=k.to("meta")), "device", False),
+        ("rank", lambda q, k, v: dict(query=q[0, 0], key=k[0, 0], value=v[0, 0]), "4-D", False),
+        ("mixed rank", lambda q, k, v: dict(query=q, key=k[0], value=v[0]), "key 3-D", False),
+        ("batch", lambda q, k, v: dict(key=k[:1], value=v[:1]), "batch", False),
+        ("heads", lambda q, k, v: dict(key=k[:, :3], value=v[:, :3]), "heads", True),
+        ("value heads", lambda q, k, v: dict(value=v[:, :2], enable_gqa=True), "value", False),
+        ("gqa not a multiple", lambda q, k, v: dict(key=k[:, :3], value=v[:, :3], enable_gqa=True), "multiple", True),
+        ("head dim", lambda q, k, v: dict(key=k[..., :7]), "head dim", True),
+        ("value length", lambda q, k, v: dict(value=v[:, :, :5]), "value", False),
+        ("dtype", lambda q, k, v: dict(key=k.double()), "dtype", True),
+        ("int mask", lambda q, k, v: dict(attn_mask=ones(q, 5, 6, dtype=torch.int64)), "attn_mask", True),
+        ("float64 mask", lambda q, k, v: dict(attn_mask=ones(q, 5, 6, dtype=torch.float64)), "attn_mask", True),
+        ("mask shape", lambda q, k, v: dict(attn_mask=ones(q, 5, 7, dtype=torch.bool)), "attn_mask", True),
+        ("mask rank", lambda q, k, v: dict(attn_mask=ones(q, 1, 2, 4, 5, 6, dtype=torch.bool)), "attn_mask", True),
+        ("dropout_p", lambda q, k, v: dict(dropout_p=1.5), "dropout_p", "cpu"),
+        ("meta device", lambda q, k, v: dict(key=k.to("meta")), "device", False),
     ]
 
 
 @pytest.mark.parametrize("case", bad_inputs(), ids=lambda case: case[0])
 def test_bad_input_raises_like_torch(case):
-    _, overrides, words, torch_refuses = case
+    _, make_bad, words, torch_refuses = case
     query, key, value = make_inputs(2, 4, 5, 6, 8)
-    arguments = dict(query=query, key=key, value=value) | overrides
+    arguments = dict(query=query, key=key, value=value) | make_bad(query, key, value)
     with pytest.raises(RuntimeError, match=words):
         fasttf.scaled_dot_product_attention(**arguments)
-    if torch_refuses:
+    if torch_refuses is True or torch_refuses == query.device.type:
         with pytest.raises(RuntimeError):  # torch refuses the same input
             F.scaled_dot_product_attention(**arguments)
 

@@ -1,4 +1,5 @@
-"""Training under DistributedDataParallel: two CPU processes (gloo) on a free loopback port.
+"""Training under DistributedDataParallel: two processes (gloo) on a free loopback port, on the
+CPU (the Triton kernel interpreted) or, on a GPU machine, both on the GPU (compiled kernels).
 
 Each process draws different batches (the demo's training loop seeds them with the rank), so
 their losses differ; DDP averages the gradients, so their parameters must stay bit-identical.
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import kernel_device
+
 WORLD_SIZE = 2
 TIME_LIMIT_S = 150
 
@@ -28,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train_one_process(rank, port, backend, out_dir):
+def _train_one_process(rank, port, backend, out_dir, device):
     from fasttf.demo import train
     from fasttf.models import Transformer, Vocab
     from fasttf.models.tokenizer import read_pairs
@@ -41,20 +44,21 @@ def _train_one_process(rank, port, backend, out_dir):
         vocabs = Vocab.build(en for en, _ in pairs), Vocab.build(es for _, es in pairs)
         torch.manual_seed(0)
         model = Transformer(len(vocabs[0]), len(vocabs[1]), d_model=8, num_heads=2, num_encoder_layers=1,
-                            num_decoder_layers=1, dim_feedforward=8, dropout=0.0, max_len=16, backend=backend)
-        initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+                            num_decoder_layers=1, dim_feedforward=8, dropout=0.0, max_len=16,
+                            backend=backend).to(device)
+        initial = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
         args = Namespace(steps=3, batch_size=4, lr=1e-2, seed=0)
-        losses = train(DistributedDataParallel(model), pairs, vocabs, args, torch.device("cpu"), rank, WORLD_SIZE,
-                       progress=False)
-        final = {name: p.detach().clone() for name, p in model.named_parameters()}
+        wrapped = DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
+        losses = train(wrapped, pairs, vocabs, args, torch.device(device), rank, WORLD_SIZE, progress=False)
+        final = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
         torch.save({"initial": initial, "final": final, "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_two_processes(backend, out_dir):
-    context = mp.start_processes(_train_one_process, args=(free_port(), backend, str(out_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
+def run_two_processes(backend, out_dir, device="cpu"):
+    context = mp.start_processes(_train_one_process, args=(free_port(), backend, str(out_dir), device),
+                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + TIME_LIMIT_S
     while not context.join(timeout=1):  # raises, with the child's traceback, if a process failed
         if time.monotonic() > deadline:
@@ -66,8 +70,10 @@ def run_two_processes(backend, out_dir):
 
 def test_ddp_keeps_the_parameters_of_both_processes_identical(tmp_path, monkeypatch):
     """On the fasttf backend: DDP's gradient hooks see the gradients of fasttf's ops."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned CPU processes run the kernel interpreted
-    first, second = run_two_processes("fasttf", tmp_path)
+    device = kernel_device()
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned CPU processes run the kernel interpreted
+    first, second = run_two_processes("fasttf", tmp_path, device)
     assert first["losses"] != second["losses"]  # each process trained on its own batches
     for name in first["final"]:
         assert torch.equal(first["initial"][name], second["initial"][name]), name
@@ -77,9 +83,10 @@ def test_ddp_keeps_the_parameters_of_both_processes_identical(tmp_path, monkeypa
 
 
 def test_the_demo_runs_under_torchrun(tmp_path):
-    """`torchrun --nproc_per_node 2 -m fasttf.demo --ddp`, a few steps of a tiny model."""
+    """`torchrun --nproc_per_node 2 -m fasttf.demo --ddp`, a few steps of a tiny model (on a GPU
+    machine both processes share the GPU over gloo)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "fasttf.demo", "--ddp", "--device", "cpu",
+               "--master_port", str(free_port()), "-m", "fasttf.demo", "--ddp", "--device", kernel_device(),
                "--backend", "torch", "--steps", "3", "--batch-size", "4", "--d-model", "8", "--ffn", "8",
                "--no-figures", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,6 +1,7 @@
 """The main job, `python -m fasttf.demo`, in a short run of a tiny model (in this process)."""
 
 import re
+import sys
 
 import pytest
 
@@ -50,3 +51,12 @@ def test_ddp_without_torchrun_says_how_to_start_it(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert demo.main(["--ddp", "--device", "cpu"]) == 2
     assert "torchrun --nproc_per_node 2 -m fasttf.demo --ddp" in capsys.readouterr().err
+
+
+def test_called_as_a_function_it_never_replaces_the_process(capsys, monkeypatch):
+    """Run as a program, the demo restarts itself with TRITON_INTERPRET=1 for --device cpu; called
+    as demo.main(argv) after triton was imported without the interpreter, it says so instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" in sys.modules
+    assert demo.main(["--device", "cpu", "--steps", "0"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from torch import nn
 from fasttf.models import Transformer, Vocab
 from fasttf.models.tokenizer import EN_ES_PATH, encode_pairs, pad_batch, read_pairs, tokenize
 from fasttf.testing import assert_close_to_reference
+from conftest import kernel_device
 
 SRC_VOCAB, TGT_VOCAB, PAD, EOS = 11, 13, 0, 1
 SMALL = dict(d_model=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24,
@@ -21,8 +22,11 @@ BACKENDS = ["fasttf", "torch"]
 
 
 def make_model(backend, seed=0, **overrides):
+    """Weights drawn on the CPU (the same numbers on every machine), then moved to kernel_device()."""
     torch.manual_seed(seed)
-    return Transformer(SRC_VOCAB, TGT_VOCAB, **{**SMALL, **overrides}, backend=backend, pad_id=PAD, eos_id=EOS)
+    with torch.device("cpu"):
+        model = Transformer(SRC_VOCAB, TGT_VOCAB, **{**SMALL, **overrides}, backend=backend, pad_id=PAD, eos_id=EOS)
+    return model.to(kernel_device())
 
 
 def batch(seed=1):

@@ -19,6 +19,7 @@ from torch import nn
 
 import fasttf
 from fasttf.testing import assert_close_to_reference
+from conftest import kernel_device
 
 # ----------------------------------------------------------------------------------------------
 # Random configurations of every option
@@ -631,12 +632,14 @@ def test_half_precision_on_the_kernel(dtype, kernel_calls):
                               baseline(*(x.to(dtype),) * 3, key_padding_mask=padding, need_weights=False)[0])
 
 
+@pytest.mark.explicit_device  # dynamo traces no default-device mode
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_torch_compile_takes_the_module_whole():
     torch.manual_seed(0)
-    mha = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
-    x = torch.randn(2, 5, 8)
-    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    device = kernel_device()
+    mha = fasttf.MultiheadAttention(8, 2, batch_first=True, device=device).eval()
+    x = torch.randn(2, 5, 8, device=device)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, device=device)
     compiled = torch.compile(lambda a: mha(a, a, a, attn_mask=mask, is_causal=True, need_weights=False)[0],
                              fullgraph=True)
     torch.testing.assert_close(compiled(x), mha(x, x, x, attn_mask=mask, need_weights=False)[0])

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 import fasttf
+from conftest import kernel_device
+
+DEVICE = kernel_device()
 
 
 @pytest.fixture
@@ -107,17 +110,18 @@ def test_replace_in_a_transformer_keeps_weights_and_numbers(batch_first, kernel_
                 torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.explicit_device
 @pytest.mark.parametrize("padding", [False, True])
 def test_swapped_encoder_layer_runs_fasttf_in_eval(padding, kernel_calls, no_torch_fast_path):
     """torch's TransformerEncoderLayer takes torch._transformer_encoder_layer_fwd here (eval,
     batch_first, even heads, no grad), bypassing self_attn.forward: after the swap, fasttf's
     forward and kernel run instead."""
     torch.manual_seed(0)
-    theirs = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
+    theirs = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).to(DEVICE).eval()
     layer = fasttf.replace_multihead_attention(copy.deepcopy(theirs))
     assert type(layer.self_attn) is fasttf.MultiheadAttention
-    src = torch.randn(2, 5, 8)
-    key_padding_mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]) if padding else None
+    src = torch.randn(2, 5, 8).to(DEVICE)
+    key_padding_mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]).to(DEVICE) if padding else None
     with torch.no_grad():
         with pytest.raises(AssertionError, match="fast path ran"):  # torch's layer would take it
             theirs(src, src_key_padding_mask=key_padding_mask)
@@ -127,17 +131,18 @@ def test_swapped_encoder_layer_runs_fasttf_in_eval(padding, kernel_calls, no_tor
     torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.explicit_device
 def test_swapped_encoder_skips_the_nested_tensor_path(kernel_calls, no_torch_fast_path):
     """nn.TransformerEncoder in eval with a padding mask turns its input into a NestedTensor and
     its layers take torch's fused path; the swap turns both off and fasttf's kernel runs."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    theirs = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    theirs = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).to(DEVICE).eval()
     assert theirs.use_nested_tensor
     encoder = fasttf.replace_multihead_attention(copy.deepcopy(theirs))
     assert not encoder.use_nested_tensor
-    src = torch.randn(2, 5, 8)
-    key_padding_mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    src = torch.randn(2, 5, 8).to(DEVICE)
+    key_padding_mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]).to(DEVICE)
     with torch.no_grad():
         with pytest.raises(AssertionError, match="fast path ran"):  # torch's encoder would nest
             theirs(src, src_key_padding_mask=key_padding_mask)

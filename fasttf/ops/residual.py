@@ -26,7 +26,7 @@ _SEED_HIGH = 2 ** 62
 
 def dropout_seed() -> torch.Tensor:
     """A fresh dropout seed from torch's default CPU generator (a 0-dim int64 CPU tensor)."""
-    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device="cpu")
 
 
 def dropout_keep_mask(like: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
