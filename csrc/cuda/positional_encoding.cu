@@ -17,7 +17,6 @@ __global__ void positional_encoding_kernel(const T* __restrict__ x, T* __restric
   const A scale = static_cast<A>(args.scale);
   const int64_t per_row = args.dim / VEC;
   const int64_t total = args.rows * per_row;
-  const double log_base = log(args.base);
   for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < total;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = item / per_row;
@@ -30,7 +29,8 @@ __global__ void positional_encoding_kernel(const T* __restrict__ x, T* __restric
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t i = i0 + j;
-      const double inv_freq = exp(-(2.0 * static_cast<double>(i / 2) / static_cast<double>(args.dim)) * log_base);
+      // the reference's own expression (fasttf.reference.sinusoid_table): the same float64 bits
+      const double inv_freq = pow(args.base, -(2.0 * static_cast<double>(i / 2)) / static_cast<double>(args.dim));
       const double angle = position * inv_freq;
       const A pe = static_cast<A>((i & 1) ? cos(angle) : sin(angle));
       v[j] = fma_acc(v[j], scale, pe);
