@@ -322,6 +322,8 @@ def main(argv=None) -> int:
 def parameters_identical(model, dist) -> bool:
     """True when every process holds bit-identical parameters (checked with an all-gather)."""
     flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    if dist.get_backend() == "gloo":  # gloo gathers CPU tensors (on CUDA it only reduces and broadcasts)
+        flat = flat.cpu()
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
