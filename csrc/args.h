@@ -102,4 +102,9 @@ inline void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// add_layer_norm's mean and rstd (and its dweight/dbias partial sums): float64 for float64, else float32.
+inline at::ScalarType stat_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 }  // namespace fasttf

@@ -52,9 +52,8 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
   const int64_t rows = x_c.numel() / dim;
   auto out = at::empty_like(x_c);
   auto s = at::empty_like(x_c);
-  const auto stat_dtype = x_c.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto mean = at::empty({rows}, x_c.options().dtype(stat_dtype));
-  auto rstd = at::empty({rows}, x_c.options().dtype(stat_dtype));
+  auto mean = at::empty({rows}, x_c.options().dtype(stat_dtype(x_c)));
+  auto rstd = at::empty({rows}, x_c.options().dtype(stat_dtype(x_c)));
   const uint64_t seed_v = seed_value(seed);
   const bool dropout = dropout_p > 0.0;
   const bool affine = has(weight) || has(bias);
@@ -112,18 +111,17 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, "fasttf.", op, ": expected mean and rstd of ",
                     int_str(rows), " values (one per row), got ", int_str(mean.numel()), " and ",
                     int_str(rstd.numel()));
-  const auto stat_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto dy_c = grad_out.contiguous();
   const auto s_c = s.contiguous();
-  const auto mean_c = mean.contiguous().to(stat_dtype);
-  const auto rstd_c = rstd.contiguous().to(stat_dtype);
+  const auto mean_c = mean.contiguous().to(stat_dtype(s));
+  const auto rstd_c = rstd.contiguous().to(stat_dtype(s));
   at::Tensor gs_c = has(grad_s) ? grad_s->contiguous() : at::Tensor();
   const bool dropout = dropout_p > 0.0;
   auto dres = at::empty_like(s_c);
   auto dx = dropout ? at::empty_like(s_c) : at::empty({0}, s_c.options());
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const bool need_partials = need_dweight || need_dbias;
-  auto partials = at::empty({need_partials ? 2 * blocks : 0, dim}, s_c.options().dtype(stat_dtype));
+  auto partials = at::empty({need_partials ? 2 * blocks : 0, dim}, s_c.options().dtype(stat_dtype(s_c)));
   const uint64_t seed_v = seed_value(seed);
   at::Tensor dweight, dbias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "add_layer_norm_backward_cpu", [&] {
@@ -169,8 +167,8 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
     });
     // stage 2: add the per-block partials in block order
     if (need_partials) {
-      auto sum_w = at::empty({dim}, s_c.options().dtype(stat_dtype));
-      auto sum_b = at::empty({dim}, s_c.options().dtype(stat_dtype));
+      auto sum_w = at::empty({dim}, s_c.options().dtype(stat_dtype(s_c)));
+      auto sum_b = at::empty({dim}, s_c.options().dtype(stat_dtype(s_c)));
       acc_t* targets[2] = {sum_w.data_ptr<acc_t>(), sum_b.data_ptr<acc_t>()};
       at::parallel_for(0, dim, 256, [&](int64_t begin, int64_t end) {
         for (int64_t k = 0; k < 2; ++k) {

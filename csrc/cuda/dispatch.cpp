@@ -25,9 +25,6 @@ DType cuda_dtype(const char* op, const at::Tensor& t) {
   }
 }
 
-// mean and rstd of add_layer_norm, and its dweight/dbias partial sums: float64 for float64, else float32.
-at::ScalarType stat_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "fasttf.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
 }
