@@ -30,6 +30,19 @@ def devices():
     return ["cpu"] + (["cuda"] if GPU else [])
 
 
+# The attention kernels that fasttf.scaled_dot_product_attention can run here, each selected for a
+# test by the attention_backend fixture through FASTTF_CPU_ATTENTION (read at call time by
+# fasttf.ops.attention): "triton" is the Triton kernel (CUDA, or the CPU under the interpreter).
+ATTENTION_BACKENDS = ["triton"]
+
+
+@pytest.fixture(params=ATTENTION_BACKENDS)
+def attention_backend(request, monkeypatch):
+    """Runs the test once per attention kernel; returns the backend's name."""
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", request.param)
+    return request.param
+
+
 def kernel_device() -> str:
     """Where the Triton attention kernel runs in this session: the GPU when there is one and the
     interpreter is off (`make test` on a GPU machine), else the CPU under the interpreter."""
