@@ -102,9 +102,10 @@ $(COMPAT_VENV)/.built: $(COMPAT_DEPS) $(PACKAGE_SOURCES)
 	touch $@
 
 # bin/pytest, not python -m pytest: the repository root must not be on sys.path, so that fasttf is
-# the one installed in $(COMPAT_VENV), built against its torch.
+# the one installed in $(COMPAT_VENV), built against its torch. tests/test_cuda_sources.py: nvcc on
+# the .cu files and the CUDA dispatch against this torch's CUDA headers, with the same standard.
 compat: $(COMPAT_VENV)/.built
 	cd $(COMPAT_VENV) && bin/python -c "import sys, torch, torchvision, triton, fasttf; \
 		print(f'fasttf compat: Python {sys.version.split()[0]}, torch {torch.__version__}, torchvision ' \
 		      f'{torchvision.__version__}, triton {triton.__version__}, fasttf from {fasttf.__file__}')"
-	TRITON_INTERPRET=1 FASTTF_STRICT=1 $(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider tests/compat
+	TRITON_INTERPRET=1 FASTTF_STRICT=1 $(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider tests/compat tests/test_cuda_sources.py
