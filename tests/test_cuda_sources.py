@@ -1,6 +1,8 @@
 """Every CUDA source compiles with `nvcc -c` alone (no GPU, no torch headers needed): the .cu
-launchers take raw pointers and a cudaStream_t. Skipped only where no nvcc exists."""
+launchers take raw pointers and a cudaStream_t. Skipped only where no nvcc exists. The C++ standard
+is the build's own (csrc/cxx_standard.py: the installed torch's), for nvcc and g++ alike."""
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -12,6 +14,14 @@ import pytest
 
 CUDA_DIR = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+
+
+def std_flag():
+    """The -std=c++NN flag setup.py passes to g++ and nvcc for the installed torch."""
+    spec = importlib.util.spec_from_file_location("fasttf_cxx_standard", CUDA_DIR.parent / "cxx_standard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.std_flag()
 
 
 def find_nvcc():
@@ -49,8 +59,10 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found")
 
+    std = std_flag()
+
     def compile_one(source):
-        command = [nvcc, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++17", "-O1",
+        command = [nvcc, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), std, "-O1",
                    "-arch=sm_90", "-Xcompiler", "-Wall", "-I", str(CUDA_DIR.parent)]
         return source.name, subprocess.run(command, capture_output=True, text=True, timeout=300)
 
@@ -84,7 +96,7 @@ def test_the_cuda_dispatch_compiles_against_torchs_headers(tmp_path):
         (tmp_path / generated).parent.mkdir(parents=True)
         (tmp_path / generated).write_text("#pragma once\n")
         includes.append(str(tmp_path))
-    command = [compiler, "-fsyntax-only", "-std=c++17", "-DFASTTF_WITH_CUDA=1", "-w",
+    command = [compiler, "-fsyntax-only", std_flag(), "-DFASTTF_WITH_CUDA=1", "-w",
                *[f"-I{p}" for p in includes], str(CUDA_DIR / "dispatch.cpp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
