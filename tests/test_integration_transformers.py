@@ -10,8 +10,6 @@ calls. The exceptions, each marked: T5's training step (its learned bias is a fl
 requires grad, which today takes fasttf.reference) runs non-strict.
 """
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -30,13 +28,14 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4)  # head
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The (Lq, Lk) of every call of fasttf's attention (strict mode makes each one the kernel)."""
+    """Every call of fasttf's attention (strict mode makes each one the kernel): a dict of Lq, Lk and
+    the keywords the integration passed."""
     calls = []
     kernel = fasttf.ops.attention.scaled_dot_product_attention
 
-    def spy(query, key, *args, **kwargs):
-        calls.append((query.size(-2), key.size(-2)))
-        return kernel(query, key, *args, **kwargs)
+    def spy(query, key, value, **kwargs):
+        calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2)))
+        return kernel(query, key, value, **kwargs)
 
     monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
     return calls
@@ -125,6 +124,16 @@ def build(name, attn_implementation="fasttf"):
     return model, {key: value.to(DEVICE) for key, value in inputs.items()}
 
 
+def twin(model, name, attn_implementation, dtype=torch.float32):
+    """The same weights on another attention implementation, built as such: set_attn_implementation
+    does not reach T5's encoder and decoder stacks in transformers 5.17."""
+    other, _ = build(name, attn_implementation)
+    other.load_state_dict(model.state_dict())
+    other.to(dtype).train(model.training)
+    assert {m.config._attn_implementation for m in other.modules() if hasattr(m, "config")} == {attn_implementation}
+    return other
+
+
 def _cast(inputs, dtype):
     return {key: value.to(dtype) if value.is_floating_point() else value for key, value in inputs.items()}
 
@@ -146,13 +155,11 @@ def _run(model, inputs, grad):
 def _compare(name, grad):
     model, inputs = build(name)
     model.train()  # every dropout is 0: training mode, deterministic numbers
-    reference = copy.deepcopy(model).double()
-    reference.set_attn_implementation("sdpa")  # float64 eager turns rows with every key masked into NaN
-    expected = _run(reference, inputs, grad)
+    # the float64 truth runs "sdpa": float64 "eager" turns rows with every key masked into NaN
+    expected = _run(twin(model, name, "sdpa", torch.float64), inputs, grad)
     ours = _run(model, inputs, grad)
     for implementation in ("sdpa", "eager"):
-        model.set_attn_implementation(implementation)
-        theirs = _run(model, inputs, grad)
+        theirs = _run(twin(model, name, implementation), inputs, grad)
         assert_close_to_reference(ours[0], expected[0], theirs[0], f"{name} logits vs {implementation}")
         for param, gradient in expected[2].items():
             assert_close_to_reference(ours[2][param], gradient, theirs[2][param],
@@ -193,6 +200,146 @@ def test_greedy_generate_with_cache_matches_sdpa(name, attention_backend, kernel
         inputs["attention_mask"] = _padding([LENGTH, LENGTH - 2], left=True).to(DEVICE)
     options = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
     ours = model.generate(**inputs, **options)
-    assert any(length_q == 1 for length_q, _ in kernel_calls)  # decoding steps, one query over the cache
-    model.set_attn_implementation("sdpa")
-    assert torch.equal(ours, model.generate(**inputs, **options))
+    assert any(call["length_q"] == 1 for call in kernel_calls)  # decoding steps, one query over the cache
+    assert torch.equal(ours, twin(model, name, "sdpa").generate(**inputs, **options))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration and the three ways to select "fasttf"
+
+
+def test_register_again_is_harmless():
+    assert fasttf_hf.register() == fasttf_hf.register() == "fasttf"
+    assert AttentionInterface._global_mapping["fasttf"] is fasttf_hf.attention_forward
+    assert AttentionMaskInterface._global_mapping["fasttf"] is transformers.masking_utils.sdpa_mask
+    assert "fasttf" in AttentionInterface().valid_keys()
+
+
+def test_set_attn_implementation_and_from_pretrained(tmp_path, kernel_calls):
+    model, inputs = build("llama", attn_implementation="sdpa")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert not kernel_calls
+        model.set_attn_implementation("fasttf")
+        assert model.config._attn_implementation == "fasttf"
+        ours = model(**inputs).logits
+        assert kernel_calls
+        assert_close_to_reference(ours, expected, expected, "set_attn_implementation logits")
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fasttf").to(DEVICE).eval()
+        assert loaded.config._attn_implementation == "fasttf"
+        calls = len(kernel_calls)
+        assert torch.equal(loaded(**inputs).logits, ours) and len(kernel_calls) > calls
+
+
+# ----------------------------------------------------------------------------------------------
+# What models pass: causal without a mask, GQA without copies, caches, dropout, weights, refusals
+
+
+def test_llama_runs_causal_gqa_without_mask_or_copies(kernel_calls):
+    model, inputs = build("llama")
+    with torch.no_grad():
+        model.eval()(**inputs)
+    assert kernel_calls and all(call["attn_mask"] is None and call["is_causal"] and call["enable_gqa"]
+                                for call in kernel_calls)
+
+
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated:FutureWarning")
+def test_several_new_tokens_over_a_cache_match_sdpa(kernel_calls):
+    """Lq = 2 new tokens over Lk = 6 cached + 2 new keys (bottom-right causal): transformers builds
+    the mask for it; fasttf's top-left is_causal is never used there."""
+    model, inputs = build("llama")
+    ids = inputs["input_ids"]
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("fasttf", "sdpa"):
+            other = twin(model, "llama", implementation).eval()
+            cache = other(input_ids=ids[:, :6], use_cache=True).past_key_values
+            outputs[implementation] = other(input_ids=ids[:, 6:], past_key_values=cache).logits
+    assert any(call["length_q"] == 2 and call["length_k"] == 8 and call["attn_mask"] is not None
+               for call in kernel_calls)
+    assert not any(call["is_causal"] and call["length_q"] != call["length_k"] for call in kernel_calls)
+    torch.testing.assert_close(outputs["fasttf"], outputs["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_generate_matches_sdpa(kernel_calls):
+    """Prefill into a static cache longer than the prompt: no mask, is_causal, the empty slots dropped."""
+    model, inputs = build("llama")
+    model.eval()
+    options = dict(input_ids=inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   cache_implementation="static")
+    ours = model.generate(**options)
+    assert torch.equal(ours, twin(model, "llama", "sdpa").generate(**options))
+    assert any(call["is_causal"] and call["length_q"] == call["length_k"] == LENGTH for call in kernel_calls)
+
+
+def test_dropout_in_training_only(kernel_calls):
+    model, inputs = build("llama")
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        logits = []
+        for seed in (1, 1, 2):
+            torch.manual_seed(seed)
+            logits.append(model.train()(input_ids=ids).logits)
+        assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[0], logits[2])
+        assert {call["dropout_p"] for call in kernel_calls} == {0.5}
+        evaluated = model.eval()(input_ids=ids).logits
+        assert kernel_calls[-1]["dropout_p"] == 0.0
+        torch.testing.assert_close(evaluated, twin(model, "llama", "sdpa")(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_output_attentions_match_eager(kernel_calls):
+    model, inputs = build("bert")
+    model.eval()
+    with torch.no_grad():
+        ours = model(**inputs, output_attentions=True)
+        expected = twin(model, "bert", "eager", torch.float64)(**_cast(inputs, torch.float64), output_attentions=True)
+        theirs = twin(model, "bert", "eager")(**inputs, output_attentions=True)
+    assert kernel_calls and len(ours.attentions) == 1 and ours.attentions[0].shape == (BATCH, 4, LENGTH, LENGTH)
+    assert_close_to_reference(ours.attentions[0], expected.attentions[0], theirs.attentions[0], "attentions")
+    assert_close_to_reference(ours.logits, expected.logits, theirs.logits, "logits with output_attentions")
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def _qkv(length_q, length_k, heads=4, heads_kv=2):
+    torch.manual_seed(0)
+    return (torch.randn(1, heads, length_q, 8, device=DEVICE), torch.randn(1, heads_kv, length_k, 8, device=DEVICE),
+            torch.randn(1, heads_kv, length_k, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("length_q, length_k", [(6, 6), (1, 6)])
+def test_sliding_window_without_a_mask_is_applied(length_q, length_k, kernel_calls):
+    """A call with sliding_window and no mask (not what transformers' own masks produce, but what a
+    direct caller may pass): the window is built here, never ignored."""
+    query, key, value = _qkv(length_q, length_k)
+    out, weights = fasttf_hf.attention_forward(_Attention().eval(), query, key, value, None, sliding_window=2)
+    q_pos = torch.arange(length_k - length_q, length_k, device=DEVICE)[:, None]
+    distance = q_pos - torch.arange(length_k, device=DEVICE)[None, :]
+    allowed = (distance >= 0) & (distance < 2)
+    expected = fasttf.reference.scaled_dot_product_attention(query.double(), key.double(), value.double(), allowed,
+                                                             enable_gqa=True)
+    assert weights is None and out.shape == (1, length_q, 4, 8) and kernel_calls
+    torch.testing.assert_close(out, expected.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_and_sinks_raise_clearly():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=2, head_dim=8,
+                                       attn_logit_softcapping=50.0, **TINY)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="fasttf").to(DEVICE)
+    with pytest.raises(ValueError, match="soft-capping.*attn_logit_softcapping"):
+        model(input_ids=torch.randint(0, VOCAB, (1, 4), device=DEVICE))
+    query, key, value = _qkv(4, 4)
+    for name in ("s_aux", "sinks"):
+        with pytest.raises(ValueError, match=f"attention sinks \\({name}"):
+            fasttf_hf.attention_forward(_Attention(), query, key, value, None, **{name: torch.zeros(4)})
+    with pytest.raises(ValueError, match="bidirectional"):
+        module = _Attention()
+        module.is_causal = False
+        fasttf_hf.attention_forward(module, query, key, value, None, sliding_window=2)
