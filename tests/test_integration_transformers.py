@@ -34,7 +34,8 @@ def kernel_calls(monkeypatch):
     kernel = fasttf.ops.attention.scaled_dot_product_attention
 
     def spy(query, key, value, **kwargs):
-        calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2)))
+        calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2), heads=query.size(-3),
+                          heads_kv=key.size(-3)))
         return kernel(query, key, value, **kwargs)
 
     monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
@@ -152,14 +153,14 @@ def _run(model, inputs, grad):
     return logits.detach(), out.loss.detach(), grads
 
 
-def _compare(name, grad):
+def _compare(name, grad, dtype=torch.float32):
     model, inputs = build(name)
-    model.train()  # every dropout is 0: training mode, deterministic numbers
+    model.to(dtype).train()  # every dropout is 0: training mode, deterministic numbers
     # the float64 truth runs "sdpa": float64 "eager" turns rows with every key masked into NaN
     expected = _run(twin(model, name, "sdpa", torch.float64), inputs, grad)
     ours = _run(model, inputs, grad)
     for implementation in ("sdpa", "eager"):
-        theirs = _run(twin(model, name, implementation), inputs, grad)
+        theirs = _run(twin(model, name, implementation, dtype), inputs, grad)
         assert_close_to_reference(ours[0], expected[0], theirs[0], f"{name} logits vs {implementation}")
         for param, gradient in expected[2].items():
             assert_close_to_reference(ours[2][param], gradient, theirs[2][param],
@@ -170,6 +171,12 @@ def _compare(name, grad):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_match_sdpa_and_eager(name, attention_backend, kernel_calls):
     _compare(name, grad=False)  # without grad: T5's learned bias is then a plain float mask
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_bfloat16_logits_and_gradients_match(name, attention_backend, kernel_calls):
+    _compare(name, grad=True, dtype=torch.bfloat16)
     assert kernel_calls
 
 
@@ -242,7 +249,7 @@ def test_llama_runs_causal_gqa_without_mask_or_copies(kernel_calls):
     with torch.no_grad():
         model.eval()(**inputs)
     assert kernel_calls and all(call["attn_mask"] is None and call["is_causal"] and call["enable_gqa"]
-                                for call in kernel_calls)
+                                and (call["heads"], call["heads_kv"]) == (4, 2) for call in kernel_calls)
 
 
 @pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated:FutureWarning")
@@ -343,3 +350,32 @@ def test_softcap_and_sinks_raise_clearly():
         module = _Attention()
         module.is_causal = False
         fasttf_hf.attention_forward(module, query, key, value, None, sliding_window=2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float64"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_masks_and_position_bias_as_eager_adds_them(mask_kind, bias, kernel_calls):
+    """A 4-D bool or float mask (any float dtype: cast to the query's), T5's position_bias, both,
+    causal without a mask: the output of eager's formula softmax(q k^T * scale + bias + mask) v."""
+    query, key, value = _qkv(5, 5, heads=4, heads_kv=4)
+    allowed = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    allowed[..., 0] = True  # every row keeps a key
+    query, key, value = (t.expand(2, -1, -1, -1).contiguous() for t in (query, key, value))
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    mask = {"none": None, "bool": allowed, "float64": additive}[mask_kind]
+    position_bias = torch.randn(1, 4, 5, 5) if bias else None
+    truth = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
+    if mask_kind == "none":  # the module is causal: no mask, is_causal
+        truth = truth.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    else:
+        truth = additive
+    if bias:
+        truth = truth + position_bias.double()
+    scores = query.double() @ key.double().transpose(-2, -1) * 0.5 + truth.to(DEVICE)
+    expected = (scores.softmax(-1) @ value.double()).transpose(1, 2)
+    mask = None if mask is None else mask.to(DEVICE)
+    position_bias = None if position_bias is None else position_bias.to(DEVICE)
+    out, _ = fasttf_hf.attention_forward(_Attention().eval(), query, key, value, mask, scaling=0.5,
+                                         position_bias=position_bias)
+    assert len(kernel_calls) == 1 and kernel_calls[0]["is_causal"] == (mask_kind == "none" and not bias)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
