@@ -47,10 +47,13 @@ def kernel_calls(monkeypatch):
 
 
 def _padding(lengths, left=False):
+    """A (len(lengths), LENGTH) attention mask: `n` real tokens a row, the padding left or right."""
     mask = torch.zeros(len(lengths), LENGTH, dtype=torch.long)
     for row, n in enumerate(lengths):
-        mask[row, LENGTH - n:] = 1 if left else 0
-        mask[row, :n] = 0 if left else 1
+        if left:
+            mask[row, LENGTH - n:] = 1
+        else:
+            mask[row, :n] = 1
     return mask
 
 
@@ -70,6 +73,16 @@ def mistral():  # a window of 3 keys over 8 tokens: the window cuts
     config = transformers.MistralConfig(vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=2, sliding_window=3,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=2, **TINY)
     return transformers.AutoModelForCausalLM, config, _causal_lm_inputs(pad=True)
+
+
+def gemma2():  # sliding (window 3) and full layers alternating, scaling by query_pre_attn_scalar; no softcap;
+    # transformers refuses "sdpa" for Gemma 2: compared with "eager" only, without padding (float64 eager
+    # turns rows with every key masked into NaN)
+    config = transformers.Gemma2Config(vocab_size=VOCAB, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                                       sliding_window=3, query_pre_attn_scalar=16, attn_logit_softcapping=None,
+                                       final_logit_softcapping=None, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                       **TINY)
+    return transformers.AutoModelForCausalLM, config, _causal_lm_inputs(pad=False)
 
 
 def gpt2():
@@ -114,8 +127,9 @@ def vit():
             dict(pixel_values=torch.randn(BATCH, 3, 8, 8), labels=torch.tensor([0, 2])))
 
 
-MODELS = {"llama": llama, "mistral": mistral, "gpt2": gpt2, "bert": bert, "t5": t5, "bart": bart, "vit": vit}
-GENERATIVE = ["llama", "mistral", "gpt2", "t5", "bart"]
+MODELS = {"llama": llama, "mistral": mistral, "gemma2": gemma2, "gpt2": gpt2, "bert": bert, "t5": t5, "bart": bart, "vit": vit}
+GENERATIVE = ["llama", "mistral", "gemma2", "gpt2", "t5", "bart"]
+BASELINES = {"gemma2": ("eager",)}  # the implementations each model is compared with; default sdpa and eager
 
 
 def build(name, attn_implementation="fasttf"):
@@ -157,9 +171,10 @@ def _compare(name, grad, dtype=torch.float32):
     model, inputs = build(name)
     model.to(dtype).train()  # every dropout is 0: training mode, deterministic numbers
     # the float64 truth runs "sdpa": float64 "eager" turns rows with every key masked into NaN
-    expected = _run(twin(model, name, "sdpa", torch.float64), inputs, grad)
+    baselines = BASELINES.get(name, ("sdpa", "eager"))
+    expected = _run(twin(model, name, baselines[0], torch.float64), inputs, grad)
     ours = _run(model, inputs, grad)
-    for implementation in ("sdpa", "eager"):
+    for implementation in baselines:
         theirs = _run(twin(model, name, implementation, dtype), inputs, grad)
         assert_close_to_reference(ours[0], expected[0], theirs[0], f"{name} logits vs {implementation}")
         for param, gradient in expected[2].items():
@@ -203,12 +218,12 @@ def test_greedy_generate_with_cache_matches_sdpa(name, attention_backend, kernel
     model, inputs = build(name)
     model.eval()
     inputs.pop("labels")
-    if name in ("llama", "mistral"):  # left-padded prompts: a mask at every step
+    if name in ("llama", "mistral", "gemma2"):  # left-padded prompts: a mask at every step
         inputs["attention_mask"] = _padding([LENGTH, LENGTH - 2], left=True).to(DEVICE)
     options = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
     ours = model.generate(**inputs, **options)
     assert any(call["length_q"] == 1 for call in kernel_calls)  # decoding steps, one query over the cache
-    assert torch.equal(ours, twin(model, name, "sdpa").generate(**inputs, **options))
+    assert torch.equal(ours, twin(model, name, BASELINES.get(name, ("sdpa",))[0]).generate(**inputs, **options))
 
 
 # ----------------------------------------------------------------------------------------------
