@@ -42,7 +42,7 @@ What `attention_forward` does with what models pass (query (B, H, Lq, D), key/va
   change the softmax itself and are not in the kernel: ValueError naming the feature, never
   silently ignored.
 
-Tested with transformers 5.24 (see setup.py's extra "transformers" for the pinned range).
+Tested with transformers 5.17 and 5.24 (setup.py's extra "transformers" pins the range).
 """
 
 import torch
