@@ -314,15 +314,22 @@ def test_dropout_in_training_only(kernel_calls):
         torch.testing.assert_close(evaluated, twin(model, "llama", "sdpa")(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_output_attentions_match_eager(kernel_calls):
-    model, inputs = build("bert")
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_output_attentions_match_eager(name, kernel_calls):
+    """Weights (B, H, Lq, Lk) per layer, for GQA (Llama) too, beside the kernel's output."""
+    model, inputs = build(name)
     model.eval()
+    inputs.pop("labels")
     with torch.no_grad():
         ours = model(**inputs, output_attentions=True)
-        expected = twin(model, "bert", "eager", torch.float64)(**_cast(inputs, torch.float64), output_attentions=True)
-        theirs = twin(model, "bert", "eager")(**inputs, output_attentions=True)
-    assert kernel_calls and len(ours.attentions) == 1 and ours.attentions[0].shape == (BATCH, 4, LENGTH, LENGTH)
-    assert_close_to_reference(ours.attentions[0], expected.attentions[0], theirs.attentions[0], "attentions")
+        expected = twin(model, name, "eager", torch.float64)(**_cast(inputs, torch.float64), output_attentions=True)
+        theirs = twin(model, name, "eager")(**inputs, output_attentions=True)
+    layers = model.config.num_hidden_layers
+    assert kernel_calls and len(ours.attentions) == layers
+    for layer in range(layers):
+        assert ours.attentions[layer].shape == (BATCH, 4, LENGTH, LENGTH)
+        assert_close_to_reference(ours.attentions[layer], expected.attentions[layer], theirs.attentions[layer],
+                                  f"{name} attentions {layer}")
     assert_close_to_reference(ours.logits, expected.logits, theirs.logits, "logits with output_attentions")
 
 
