@@ -401,3 +401,17 @@ def test_masks_and_position_bias_as_eager_adds_them(mask_kind, bias, kernel_call
                                          position_bias=position_bias)
     assert len(kernel_calls) == 1 and kernel_calls[0]["is_causal"] == (mask_kind == "none" and not bias)
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    """The integration traces without graph breaks (fasttf's attention is a torch.library op);
+    aot_eager keeps the test quick and still runs the op's registered autograd."""
+    model, inputs = build("llama")
+    expected = _run(model, inputs, grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ours = _run(compiled, inputs, grad=True)
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)
+    grads = {name.removeprefix("_orig_mod."): gradient for name, gradient in ours[2].items()}
+    assert grads.keys() == expected[2].keys()
+    for param, gradient in expected[2].items():
+        torch.testing.assert_close(grads[param], gradient, rtol=1e-5, atol=1e-6)
