@@ -15,6 +15,8 @@ TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
+# The optional extras the tests cover: setup.py's extras_require (fasttf[transformers]).
+EXTRAS := "transformers>=5.17,<6"
 # Triton kernels run under the Triton interpreter where there is no GPU.
 INTERPRET = $(shell $(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)" 2>/dev/null || echo 1)
 SOURCES := setup.py $(wildcard csrc/*.py csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
@@ -33,7 +35,7 @@ $(VENV)/.deps:
 		$(PIP) install $(FIND_LINKS) "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)"; \
 	fi
 	$(PIP) install --upgrade pip
-	$(PIP) install $(FIND_LINKS) setuptools wheel $(TOOLS)
+	$(PIP) install $(FIND_LINKS) setuptools wheel $(TOOLS) $(EXTRAS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

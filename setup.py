@@ -101,10 +101,11 @@ setup(
     version="0.1.0",
     description="Fused Transformer kernels for PyTorch: Triton attention, C++/CUDA positional encoding and residual add",
     python_requires=PYTHON_REQUIRES,
-    packages=["fasttf", "fasttf.models", "fasttf.ops", "fasttf.kernels"],
+    packages=["fasttf", "fasttf.integrations", "fasttf.models", "fasttf.ops", "fasttf.kernels"],
     package_dir={"fasttf": "fasttf", "fasttf.kernels": "kernels"},
     package_data={"fasttf": ["data/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[TORCH_REQUIRES, "triton>=3.0", "numpy"],
+    extras_require={"transformers": ["transformers>=5.17,<6"]},
 )
