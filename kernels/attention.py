@@ -28,8 +28,38 @@ stride-0 view, never a copy) to (N, H, L, S) or None; `seed` an int64 tensor of 
 Grids are one axis of programs (CUDA's x axis, up to 2^31 - 1), so any batch size launches.
 """
 
-from fasttf.kernels.attention_backward import attention_backward
+import torch
+
+from fasttf.kernels import attention_backward as _backward
 from fasttf.kernels.attention_common import INTERPRET, dropout_keep_mask
 from fasttf.kernels.attention_forward import attention_forward
+from fasttf.kernels.attention_mask_grad import attention_mask_grad
+from fasttf.kernels.attention_weights import add_weights_delta, attention_weights
 
-__all__ = ["INTERPRET", "attention_forward", "attention_backward", "dropout_keep_mask"]
+
+def attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p, is_causal, scale, seed,
+                       grad_weights=None, mask_grad_shape=None):
+    """-> (dq, dk, dv, dmask). grad_weights: the gradient of attention_weights' result ((N, L, S)
+    averaged, or (N, H, L, S)) or None. mask_grad_shape: None, or (mask_batch, mask_heads) (each
+    1 or N, H) for a float mask's gradient, then dmask is float32 (mask_batch, mask_heads, L, S)
+    summed over the broadcast batches and heads; else dmask is None."""
+    if out.numel() == 0 or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        grad_q, grad_k, grad_v = _backward.attention_backward(grad_out, query, key, value, out, lse, mask,
+                                                              dropout_p, is_causal, scale, seed)
+        dmask = None
+        if mask_grad_shape is not None:
+            dmask = query.new_zeros((*mask_grad_shape, query.size(2), key.size(2)), dtype=torch.float32)
+        return grad_q, grad_k, grad_v, dmask
+    delta = _backward.attention_delta(grad_out, out, query.size(1))
+    if grad_weights is not None:
+        add_weights_delta(delta, grad_weights, query, key, value, lse, mask, dropout_p, is_causal, scale, seed)
+    grad_q, grad_k, grad_v = _backward.attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p,
+                                                          is_causal, scale, seed, grad_weights, delta)
+    dmask = None
+    if mask_grad_shape is not None:
+        dmask = attention_mask_grad(grad_out, query, key, value, lse, delta, mask, *mask_grad_shape, dropout_p,
+                                    is_causal, scale, seed, grad_weights)
+    return grad_q, grad_k, grad_v, dmask
+
+
+__all__ = ["INTERPRET", "attention_forward", "attention_backward", "attention_weights", "dropout_keep_mask"]

@@ -81,6 +81,23 @@ def grid(length, block, heads, batch):
     return (programs,)
 
 
+def tile_grid(length_q, length_k, block_m, block_n, outer):
+    """The grid of the tile kernels (weights, mask gradient): one program per (query block, key
+    block, `outer` more), on one axis like `grid`; `tile_coords` decodes it."""
+    programs = triton.cdiv(length_q, block_m) * triton.cdiv(length_k, block_n) * outer
+    if programs > MAX_GRID[0]:
+        raise RuntimeError(f"fasttf attention: {programs} programs exceed CUDA's grid limit {MAX_GRID[0]}")
+    return (programs,)
+
+
+def tile_blocks(head_dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) of the tile kernels, which hold a q tile and a k tile."""
+    if INTERPRET:
+        return INTERPRET_BLOCK, INTERPRET_BLOCK, 4
+    width = padded_dim(head_dim) * torch.empty((), dtype=dtype).element_size() // 2
+    return (64, 64, 4) if width <= 64 else (64, 32, 4) if width <= 128 else (32, 32, 4)
+
+
 def input_precision(dtype):
     if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -118,6 +135,16 @@ def program_coords(length, BLOCK: tl.constexpr, H):
     num_blocks = tl.cdiv(length, BLOCK)
     off_bh = pid // num_blocks
     return (pid % num_blocks) * BLOCK, off_bh % H, off_bh // H
+
+
+@triton.jit
+def tile_coords(L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(query block start, key block start, outer index) of this program in `tile_grid`'s axis."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    num_n = tl.cdiv(S, BLOCK_N)
+    rest = pid // num_m
+    return (pid % num_m) * BLOCK_M, (rest % num_n) * BLOCK_N, rest // num_n
 
 
 @triton.jit
@@ -168,6 +195,25 @@ def load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_K
         return tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
     else:
         return tl.load(ptrs, mask=in_range, other=0) != 0
+
+
+@triton.jit
+def probs_tile(q, k_base, mask_base, lse, offs_m, offs_n, offs_e, stride_kn, stride_ke, stride_mm, stride_mn,
+               L, S, E, qk_scale, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               EMULATE_BF16: tl.constexpr):
+    """P = exp2(s2 - lse2) of one (BLOCK_M, BLOCK_N) tile (before dropout), recomputed from q's
+    tile and the saved lse2; 0 (from -inf, never inf or NaN) where masked or out of range."""
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke,
+                 mask=(offs_n[None, :] < S) & (offs_e[:, None] < E), other=0.0)
+    s = dot(q, kt, None, EMULATE_BF16, INPUT_PRECISION) * qk_scale
+    if MASK_KIND == 2:
+        s += load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
+    allowed = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+    if MASK_KIND == 1:
+        allowed = allowed & load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
+    if CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+    return tl.math.exp2(tl.where(allowed, s, float("-inf")) - lse[:, None])
 
 
 @triton.jit
