@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fasttf import reference
-from fasttf._checks import check_same_device, check_tensor
+from fasttf._checks import SecondOrderError, check_same_device, check_tensor, no_second_order  # noqa: F401
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
 
@@ -140,16 +140,8 @@ def _backward(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-class SecondOrderError(RuntimeError):
-    """A second-order gradient through an op whose backward is not differentiable."""
-
-
-def _no_second_order(ctx, *grads):
-    raise SecondOrderError(
-        f"fasttf.{OP}: second-order gradients (a backward through the attention's backward, e.g. "
-        f"torch.autograd.grad(..., create_graph=True) then backward again) are not supported by the fused "
-        f"kernels; use torch.nn.functional.scaled_dot_product_attention (or fasttf.reference."
-        f"scaled_dot_product_attention) for double backward")
+_no_second_order = no_second_order(OP, "torch.nn.functional.scaled_dot_product_attention (or fasttf.reference."
+                                       "scaled_dot_product_attention)")
 
 
 def _remember_nothing(ctx, inputs, output):
