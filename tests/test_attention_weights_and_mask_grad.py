@@ -268,3 +268,17 @@ def test_opcheck_weights_and_backward_with_weights_and_mask_gradient():
         torch.library.opcheck(torch.ops.fasttf.attention_backward.default,
                               (torch.randn_like(out), query, key, value, out, lse, mask, 0.2, True, 0.3, seed,
                                torch.randn_like(weights), average, True))
+
+
+def test_torch_compile_fullgraph_with_weights_and_a_learned_mask(attention_backend):
+    query, key, value = (make((1, 2, n, 8), seed) for seed, n in enumerate((17, 20, 20)))
+    mask = make((17, 20), 3)
+
+    def attend(q, k, v, m):
+        out, weights = attention_op.attention_with_weights(q, k, v, m, is_causal=True)
+        return (out * 2).sum() + weights.square().sum()
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    ins, eager_ins = leaves(query, key, value, mask), leaves(query, key, value, mask)
+    for a, b in zip(torch.autograd.grad(compiled(*ins), ins), torch.autograd.grad(attend(*eager_ins), eager_ins)):
+        torch.testing.assert_close(a, b)
