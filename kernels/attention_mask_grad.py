@@ -39,6 +39,8 @@ def _attention_mask_grad_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dMask
     # the mask's batch (head) dim is 1 or N (H): its program sums N // MASK_N batches (H // MASK_H heads)
     batch_count = N // MASK_N
     head_count = H // MASK_H
+    if CAUSAL:  # a tile wholly above the diagonal has dS = 0: visit no (batch, head)
+        batch_count = tl.where(start_n > start_m + BLOCK_M - 1, 0, batch_count)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)

@@ -41,6 +41,8 @@ def _attention_weights_kernel(Q, K, Mask, Seed, Lse, W,
         off_b = outer // H
         head_lo = outer % H
         head_count = 1
+    if CAUSAL:  # a tile wholly above the diagonal is zeros: visit no head
+        head_count = tl.where(start_n > start_m + BLOCK_M - 1, 0, head_count)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -99,7 +101,10 @@ def _attention_weights_delta_kernel(Q, K, Mask, Seed, Lse, dW, Delta,
     if DROPOUT:
         seed = tl.load(Seed)
     extra = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, S, BLOCK_N):
+    end = S
+    if CAUSAL:  # key blocks past the diagonal hold no weight
+        end = tl.minimum(S, start_m + BLOCK_M)
+    for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         p = probs_tile(q, k_base, mask_base, lse, offs_m, offs_n, offs_e, stride_kn, stride_ke, stride_mm,
                        stride_mn, L, S, E, qk_scale, CAUSAL, MASK_KIND, INPUT_PRECISION, EMULATE_BF16)
