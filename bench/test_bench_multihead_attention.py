@@ -10,11 +10,19 @@ read as "attention work done per second" for the module.
 
 Shapes: GPU D = 1024, H = 16 (E = 64), N = 16384 / L, L = 512, 2048, 8192, float16 and bfloat16.
 CPU: fasttf's kernel runs only under the Triton interpreter, so one tiny shape, labelled so.
+
+test_multihead_attention_need_weights: torch's default call (need_weights=True, head-averaged
+weights) on both modules, the weights in the loss too (their gradient flows back):
+    fasttf.MultiheadAttention: the fused kernel + the weights kernel (nothing L x S saved)
+    torch nn.MultiheadAttention (the eager twin): bmm + softmax + bmm, (N, H, L, S) saved
+extra_info saved_bytes: the bytes autograd saves for backward in one forward (saved_tensors_hooks,
+each storage once). GPU: L = 256 ... 4096, N = 16384 / L, D = 1024, H = 16, float16 and bfloat16.
 """
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 
 import fasttf
 from harness import DEVICE, ON_GPU, TINY, attention_flops, dtype_name, interpreter_active, measure
@@ -59,4 +67,57 @@ def test_multihead_attention(benchmark, shape, impl):
             impl=impl_name, eager_twin=eager_twin, op="MultiheadAttention", mode="fwd+bwd", dtype=dtype_name(dtype),
             batch=batch, seq_len=length, dim=dim, heads=heads,
             series=f"MultiheadAttention fwd+bwd {dtype_name(dtype)} D={dim} H={heads}{label}",
+            flops=attention_flops(batch, heads, length, length, dim // heads, False, True))
+
+
+def need_weights_shapes():
+    if TINY:
+        return [(torch.float16 if ON_GPU else torch.float32, (2, 16, 32, 2), "")]
+    if ON_GPU:
+        return [(dtype, (16384 // length, length, 1024, 16), "") for dtype in (torch.float16, torch.bfloat16)
+                for length in (256, 512, 1024, 2048, 4096)]
+    return [(torch.float32, (1, 64, 64, 2), " (interpreter)")]
+
+
+def saved_bytes(forward) -> int:
+    """Bytes autograd saves for backward during one forward (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values())
+
+
+NEED_WEIGHTS_IMPLS = ("fasttf", "torch")
+
+
+@pytest.mark.parametrize("impl", NEED_WEIGHTS_IMPLS)
+@pytest.mark.parametrize("shape", need_weights_shapes(), ids=lambda s: f"{dtype_name(s[0])}-{'x'.join(map(str, s[1]))}")
+def test_multihead_attention_need_weights(benchmark, shape, impl):
+    dtype, (batch, length, dim, heads), label = shape
+    if label and impl == "fasttf" and not interpreter_active():
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: no fasttf attention kernel here")
+    torch.manual_seed(0)
+    torch_module = nn.MultiheadAttention(dim, heads, batch_first=True, device=DEVICE, dtype=dtype)
+    module = fasttf.MultiheadAttention.from_torch(torch_module) if impl == "fasttf" else torch_module
+    x = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype)
+    grad_weights = torch.randn(batch, length, length, device=DEVICE, dtype=dtype)
+    inputs = (x, *module.parameters())
+
+    def fn():
+        out, weights = module(x, x, x)  # torch's default call: need_weights=True, averaged
+        return torch.autograd.grad((out, weights), inputs, (grad_out, grad_weights))
+
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: module(x, x, x))
+    impl_name = f"{impl} (interpreter)" if impl == "fasttf" and not ON_GPU else impl
+    measure(benchmark, fn, group=f"MultiheadAttention need_weights=True fwd+bwd {dtype_name(dtype)}{label}: "
+                                 f"N={batch} L={length} D={dim} H={heads}",
+            impl=impl_name, eager_twin=impl == "torch", op="MultiheadAttention need_weights", mode="fwd+bwd",
+            dtype=dtype_name(dtype), batch=batch, seq_len=length, dim=dim, heads=heads,
+            series=f"MultiheadAttention need_weights=True fwd+bwd {dtype_name(dtype)} D={dim} H={heads}{label}",
             flops=attention_flops(batch, heads, length, length, dim // heads, False, True))

@@ -9,6 +9,7 @@
 """
 
 from fasttf import reference
+from fasttf._checks import SecondOrderError
 from fasttf._fallback import FallbackError, strict_mode
 from fasttf.multihead_attention import MultiheadAttention, multi_head_attention_forward, replace_multihead_attention
 from fasttf.ops.attention import scaled_dot_product_attention
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FallbackError",
     "MultiheadAttention",
+    "SecondOrderError",
     "add_layer_norm",
     "models",
     "multi_head_attention_forward",

@@ -3,6 +3,22 @@
 import torch
 
 
+class SecondOrderError(RuntimeError):
+    """A second-order gradient through an op whose backward kernels are not differentiable."""
+
+
+def no_second_order(op: str, instead: str):
+    """An autograd backward for a backward op: raises SecondOrderError naming the op and what to
+    use instead, so a double backward never runs silently wrong (nor warns)."""
+
+    def backward(ctx, *grads):
+        raise SecondOrderError(f"fasttf.{op}: second-order gradients (differentiating its gradient again, "
+                               f"e.g. after torch.autograd.grad(..., create_graph=True)) are not supported by its "
+                               f"kernels; use {instead} for double backward")
+
+    return backward
+
+
 def check_tensor(op: str, name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fasttf.{op}: expected {name} to be a torch.Tensor, got {type(value).__name__}")

@@ -16,14 +16,15 @@ Where the attention itself runs:
   mask and a key padding mask are given they are merged as torch merges them (bool: either
   masks; float: added), into `(N, 1, L, S)`, or `(N, num_heads, L, S)` only if the attn mask
   already is that big.
-- `need_weights=True`: the weights have to exist in memory, so this takes the plain PyTorch path
-  (scores, softmax, dropout, matmul, as torch does). That is by design, not a fallback. It costs
-  what torch's own `need_weights=True` costs: it materialises the `(N, num_heads, L, S)` scores
-  and probabilities (and their gradients in backward), O(N * num_heads * L * S) memory, where the
-  kernel keeps O(N * num_heads * L) (the log-sum-exp). Ask for weights only when you use them.
-- A float mask that requires grad (e.g. a learned relative-position bias): the kernel gives no
-  gradient for a mask, so the attention op itself falls back to plain torch, through `fall_back()`
-  (FASTTF_STRICT=1 makes it an error). So does a dtype the kernel lacks (float64).
+- `need_weights=True`: the same kernel, and a second one that writes the weights from the saved
+  log-sum-exp (`fasttf.ops.attention.attention_with_weights`): `(N, L, S)` averaged over the heads
+  inside the kernel when `average_attn_weights=True`, else `(N, num_heads, L, S)`; after dropout,
+  with the keep bits the output used, as torch returns them. Their gradient flows back through
+  the backward kernels; nothing of size L x S is saved for backward -- the only L x S memory is
+  the weights the caller asked for.
+- A float mask that requires grad (a learned bias): the kernels give its gradient, summed over
+  the dims it was broadcast along. Only a dtype the kernel lacks (float64) or a head dim over 256
+  leaves the kernel, through `fall_back()` (FASTTF_STRICT=1 makes it an error).
 
 Fully masked rows (a query whose every key is masked): torch's `need_weights=True` path returns
 NaN there (softmax over nothing); fasttf returns what torch's SDPA path (`need_weights=False`)
@@ -34,10 +35,9 @@ Mask conventions (torch's): in this module a bool True means *masked* (the oppos
 `scaled_dot_product_attention`, where True means attend); a float mask is added to the scores.
 `is_causal` is, as in torch, a hint that `attn_mask` is the causal mask: it needs `attn_mask`,
 and the kernel's own causal masking replaces the mask only when there is no key padding mask
-and no weights are asked for.
+and no weights are asked for (torch's weights path reads the mask itself).
 """
 
-import math
 import warnings
 
 import torch
@@ -95,26 +95,6 @@ def _merge_for_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, d
 
 
 # ----------------------------------------------------------------------------------------------
-# The attention itself, on (N, H, L, E) heads: the kernel, or the plain path that makes weights.
-
-
-def _attention_with_weights(q, k, v, mask, dropout_p, is_causal):
-    """softmax(q k^T / sqrt(E) + mask) -> dropout -> @ v, materialising the (N, H, L, S) weights.
-
-    `mask` is in SDPA's convention. A row with every key masked gets weights 0 (torch: NaN)."""
-    scores = (q * math.sqrt(1.0 / q.size(-1))) @ k.transpose(-2, -1)  # q scaled first, as torch
-    if is_causal and mask is None:
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    empty_row = scores.amax(dim=-1, keepdim=True) == float("-inf")
-    weights = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ v, weights
-
-
-# ----------------------------------------------------------------------------------------------
 # The functional form
 
 
@@ -148,11 +128,10 @@ def multi_head_attention_forward(
     """`torch.nn.functional.multi_head_attention_forward`, on fasttf's fused kernel.
 
     Same signature, shapes, checks, error types and messages as torch's (query `(L, N, E)` or
-    unbatched `(L, E)`, sequence first). With `need_weights=False` the attention runs in
-    `fasttf.scaled_dot_product_attention`; with `need_weights=True` it runs the plain path that
-    materialises the `(N, num_heads, L, S)` weights (see the module docstring for what that
-    costs). Fully masked rows give attention output 0 (before the output projection) and
-    weights 0, never NaN.
+    unbatched `(L, E)`, sequence first). The attention runs in fasttf's fused kernel
+    (`fasttf.scaled_dot_product_attention`, and with `need_weights=True` the weights kernel too).
+    Fully masked rows give attention output 0 (before the output projection) and weights 0,
+    never NaN.
     """
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
     if not is_batched:  # run as a batch of one, squeeze at the end
@@ -271,8 +250,10 @@ def multi_head_attention_forward(
     q, k, v = (t.unflatten(0, (bsz, num_heads)) for t in (q, k, v))
     mask = _merge_for_sdpa(attn_mask, key_padding_mask, query.dtype)
 
-    if need_weights:  # by design: weights must exist; not a fallback
-        heads, weights = _attention_with_weights(q, k, v, mask, dropout_p, is_causal)
+    if need_weights:  # the fused kernel and the weights kernel (torch's weights path reads the mask itself)
+        heads, weights = _attention_op.attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                              is_causal=is_causal and mask is None,
+                                                              average_heads=average_attn_weights)
     else:  # the fused kernel (which itself falls back, visibly, for what it cannot do)
         heads = _attention_op.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                            is_causal=is_causal)
@@ -283,8 +264,6 @@ def multi_head_attention_forward(
     output = F.linear(merged, out_proj_weight, out_proj_bias)
     output = output.view(tgt_len, bsz, output.size(1))
 
-    if weights is not None and average_attn_weights:
-        weights = weights.mean(dim=1)
     if not is_batched:
         output = output.squeeze(1)
         if weights is not None:
@@ -314,9 +293,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     subclasses it), so checkpoints load both ways. `forward` has torch's signature and semantics;
     it never takes torch's fast path and always runs `fasttf.multi_head_attention_forward`:
 
-    - `need_weights=False`: the fused kernel, training or not, forward and backward.
-    - `need_weights=True` (torch's default): the plain path, which materialises the
-      `(N, num_heads, L, S)` weights -- as costly as torch's. Pass `need_weights=False` for speed.
+    - Every call runs the fused kernel, training or not, forward and backward: `need_weights=True`
+      (torch's default) adds a kernel that writes the weights from the saved log-sum-exp
+      (head-averaged inside it); a learned float mask gets its gradient from the kernels.
     - A query whose every key is masked gets output `out_proj.bias` (attention 0 before the
       projection) and weights 0, as torch's SDPA path gives; torch's weight path gives NaN there.
     """

@@ -1,8 +1,8 @@
 """fasttf.MultiheadAttention / multi_head_attention_forward against torch's, option by option.
 
 The same state_dict in both modules, the same inputs: outputs, weights and gradients (inputs and
-parameters) must agree. float32 runs strict (FASTTF_STRICT=1: need_weights=False must go through
-the fused kernel) and is judged by the accuracy rule of DESIGN.md against torch in float64;
+parameters) must agree. float32 runs strict (FASTTF_STRICT=1: every call, need_weights=True and
+learned masks included, must go through the fused kernels) and is judged by the accuracy rule of DESIGN.md against torch in float64;
 float64 runs with strict off (the kernel is float32/16/bf16: float64 falls back inside it) and must
 match torch in float64 closely. Shapes are tiny: the kernel runs under the Triton interpreter.
 """
@@ -44,6 +44,7 @@ def random_config(seed):
         training=rng.random() < 0.5,
         dtype=torch.float64 if rng.random() < 0.25 else torch.float32,
     )
+    cfg["learned_masks"] = rng.random() < 0.5  # float masks require grad (a learned bias): their gradients too
     if cfg["self_attention"]:
         cfg["length_k"] = cfg["length_q"]
     cfg["is_causal"] = cfg["attn_mask"] == "causal" and rng.random() < 0.7
@@ -119,8 +120,9 @@ def cast(value, dtype):
     return value
 
 
-def run(module, inputs, kwargs, dtype, seed):
-    """Forward and backward with fixed random cotangents: every result, by name."""
+def run(module, inputs, kwargs, dtype, seed, learned=False):
+    """Forward and backward with fixed random cotangents: every result, by name (with learned:
+    the gradients of float masks too)."""
     module = module.to(dtype)
     leaves = {}
     tensors = []
@@ -129,6 +131,10 @@ def run(module, inputs, kwargs, dtype, seed):
             leaves[id(tensor)] = (name, cast(tensor, dtype).detach().requires_grad_(True))
         tensors.append(leaves[id(tensor)][1])
     kwargs = {k: cast(v, dtype) for k, v in kwargs.items()}
+    for name in ("attn_mask", "key_padding_mask"):
+        if learned and kwargs.get(name) is not None and kwargs[name].is_floating_point():
+            kwargs[name] = kwargs[name].detach().requires_grad_(True)
+            leaves[name] = (name, kwargs[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mismatched mask dtypes: deprecated, tested elsewhere
         output, weights = module(*tensors, **kwargs)
@@ -162,13 +168,14 @@ SWEEP = range(120)
 def kernel_calls(monkeypatch):
     """Records the arguments of every call of the attention kernel (which still runs)."""
     calls = []
-    kernel = fasttf.ops.attention.scaled_dot_product_attention
+    for name in ("scaled_dot_product_attention", "attention_with_weights"):  # without and with weights
+        kernel = getattr(fasttf.ops.attention, name)
 
-    def spy(*args, **kwargs):
-        calls.append(inspect.signature(kernel).bind(*args, **kwargs).arguments)
-        return kernel(*args, **kwargs)
+        def spy(*args, kernel=kernel, **kwargs):
+            calls.append(inspect.signature(kernel).bind(*args, **kwargs).arguments)
+            return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(fasttf.ops.attention, name, spy)
     return calls
 
 
@@ -177,27 +184,32 @@ def test_random_configuration_matches_torch(seed, monkeypatch, kernel_calls):
     cfg = random_config(seed)
     inputs, kwargs = make_inputs(cfg, seed)
     theirs, ours = module_pair(cfg)
+    learned = cfg["learned_masks"]
     if cfg["dtype"] == torch.float64:
         monkeypatch.delenv("FASTTF_STRICT")  # the kernel has no float64: it falls back inside
-        assert_same_results(run(ours, inputs, kwargs, torch.float64, seed),
-                            run(theirs, inputs, kwargs, torch.float64, seed))
+        assert_same_results(run(ours, inputs, kwargs, torch.float64, seed, learned),
+                            run(theirs, inputs, kwargs, torch.float64, seed, learned))
     else:
-        reference = run(theirs, inputs, kwargs, torch.float64, seed)
-        baseline = run(theirs, inputs, kwargs, torch.float32, seed)
-        assert_same_results(run(ours, inputs, kwargs, torch.float32, seed), baseline, reference)
-    assert len(kernel_calls) == (0 if cfg["need_weights"] else 1)  # strict: float32 calls really ran it
+        reference = run(theirs, inputs, kwargs, torch.float64, seed, learned)
+        baseline = run(theirs, inputs, kwargs, torch.float32, seed, learned)
+        assert_same_results(run(ours, inputs, kwargs, torch.float32, seed, learned), baseline, reference)
+    assert len(kernel_calls) == 1  # strict: float32 calls really ran the kernels, with weights or without
 
 
 def test_sweep_covers_every_option():
     configs = [random_config(seed) for seed in SWEEP]
     for option in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "batched", "self_attention",
-                   "need_weights", "average_attn_weights", "training", "is_causal"):
+                   "need_weights", "average_attn_weights", "training", "is_causal", "learned_masks"):
         assert {c[option] for c in configs} == {False, True}, option
     assert {c["attn_mask"] for c in configs} == {"none", "bool2d", "float2d", "bool3d", "float3d", "causal"}
     assert {c["key_padding_mask"] for c in configs} == {"none", "bool", "float"}
     assert {c["dtype"] for c in configs} == {torch.float32, torch.float64}
     assert any(c["kdim"] for c in configs) and any(c["kdim"] is None for c in configs)
     assert any(c["attn_mask"] != "none" and c["key_padding_mask"] != "none" for c in configs)
+    learned = [c for c in configs if c["learned_masks"] and c["dtype"] == torch.float32]
+    assert {c["attn_mask"] for c in learned} >= {"float2d", "float3d"} and any(
+        c["key_padding_mask"] == "float" for c in learned)
+    assert any(c["need_weights"] and c["attn_mask"].startswith("float") for c in learned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,19 +267,30 @@ def test_dropout_applies_in_training_only():
     torch.testing.assert_close(ours(query, kv, kv, need_weights=False)[0], replayed)  # torch's generator
 
 
-def test_dropout_with_weights_draws_as_torch_does():
-    """need_weights=True runs torch's own sequence of ops: the same seed gives the same dropout."""
+def test_dropout_with_weights_are_the_ones_the_output_used():
+    """need_weights=True in training: the weights come after dropout (as torch returns them), from
+    the keep bits the output used: the output is the out-projection of weights @ values."""
     cfg = dict(random_config(0), embed_dim=8, num_heads=2, bias=True, add_bias_kv=False, add_zero_attn=False,
                kdim=None, vdim=None, batch_first=True, training=True, dtype=torch.float32)
-    theirs, ours = module_pair(cfg, dropout=0.3)
+    _, ours = module_pair(cfg, dropout=0.3)
     query, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    torch.manual_seed(7)
-    expected, expected_weights = theirs(query, kv, kv, average_attn_weights=False)
-    torch.manual_seed(7)
     output, weights = ours(query, kv, kv, average_attn_weights=False)
-    torch.testing.assert_close(output, expected)
-    torch.testing.assert_close(weights, expected_weights)
+    assert weights.shape == (2, 2, 5, 6)
     assert (weights == 0).any()  # dropped
+    kept_rows = weights.sum(-1)
+    assert (kept_rows > 1.01).any()  # rescaled by 1 / (1 - p): rows no longer sum to 1
+    values = F.linear(kv, ours.in_proj_weight[16:], ours.in_proj_bias[16:]).view(2, 6, 2, 4).transpose(1, 2)
+    heads = (weights @ values).transpose(1, 2).reshape(2, 5, 8)
+    torch.testing.assert_close(output, ours.out_proj(heads))
+    torch.manual_seed(3)
+    again = ours(query, kv, kv, average_attn_weights=True)
+    torch.manual_seed(3)
+    output, weights = ours(query, kv, kv, average_attn_weights=False)
+    torch.testing.assert_close(again[0], output)  # torch's generator draws the seed
+    torch.testing.assert_close(again[1], weights.mean(dim=1))
+    ours.eval()
+    _, weights = ours(query, kv, kv)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,30 +349,32 @@ def test_is_causal_hint_goes_to_the_kernel_without_a_mask(kernel_calls):
     assert kernel_calls[1]["is_causal"] is True and kernel_calls[1].get("attn_mask") is None
 
 
-def test_a_mask_that_requires_grad_falls_back_visibly(monkeypatch):
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_a_learned_mask_runs_the_kernel_and_gets_its_gradient(need_weights, kernel_calls):
+    """A learned additive mask (relative position bias), strict: no fallback, torch's gradient."""
     mha = fasttf.MultiheadAttention(8, 2)
-    x = torch.randn(5, 2, 8)
-    bias = torch.randn(5, 5, requires_grad=True)  # a learned additive mask (relative position bias)
-    with pytest.raises(fasttf.FallbackError, match="requires grad"):
-        mha(x, x, x, attn_mask=bias, need_weights=False)
-    monkeypatch.delenv("FASTTF_STRICT")
     torch_mha = nn.MultiheadAttention(8, 2)
     torch_mha.load_state_dict(mha.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fall_back warns once per process: maybe not here
-        output, _ = mha(x, x, x, attn_mask=bias, need_weights=False)
-    expected, _ = torch_mha(x, x, x, attn_mask=bias, need_weights=False)
+    x = torch.randn(5, 2, 8)
+    bias = torch.randn(5, 5, requires_grad=True)
+    output, weights = mha(x, x, x, attn_mask=bias, need_weights=need_weights)
+    expected, expected_weights = torch_mha(x, x, x, attn_mask=bias, need_weights=need_weights)
+    assert len(kernel_calls) == 1
     torch.testing.assert_close(output, expected)
-    torch.testing.assert_close(torch.autograd.grad(output.sum(), bias)[0],
-                               torch.autograd.grad(expected.sum(), bias)[0])
+    loss, expected_loss = output.sum(), expected.sum()
+    if need_weights:
+        torch.testing.assert_close(weights, expected_weights)
+        loss, expected_loss = loss + (weights ** 2).sum(), expected_loss + (expected_weights ** 2).sum()
+    torch.testing.assert_close(torch.autograd.grad(loss, bias)[0], torch.autograd.grad(expected_loss, bias)[0])
 
 
-def test_float64_without_weights_is_a_visible_fallback():
+def test_float64_is_a_visible_fallback():
     mha = fasttf.MultiheadAttention(8, 2, dtype=torch.float64)
     x = torch.randn(5, 2, 8, dtype=torch.float64)
     with pytest.raises(fasttf.FallbackError):
         mha(x, x, x, need_weights=False)
-    mha(x, x, x, need_weights=True)  # the weight path is plain torch by design: not a fallback
+    with pytest.raises(fasttf.FallbackError):  # the weights come from the kernel too: float64 falls back
+        mha(x, x, x, need_weights=True)
 
 
 # ----------------------------------------------------------------------------------------------

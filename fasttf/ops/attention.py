@@ -2,13 +2,19 @@
 torch.library ops with autograd, behind torch's SDPA signature and input checks.
 
     torch.ops.fasttf.attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed) -> (out, lse2)
+    torch.ops.fasttf.attention_weights(q, k, lse2, attn_mask, dropout_p, is_causal, scale, seed,
+                                       average_heads) -> weights (after dropout; (N, L, S) averaged)
     torch.ops.fasttf.attention_backward(grad_out, q, k, v, out, lse2, attn_mask, dropout_p, is_causal,
-                                        scale, seed) -> (grad_q, grad_k, grad_v)
+                                        scale, seed, grad_weights, average_heads, mask_requires_grad)
+        -> (grad_q, grad_k, grad_v, grad_mask)   (grad_mask: attn_mask's shape and dtype, or an
+                                                  empty tensor when mask_requires_grad is False)
 
 Both take 4-D (N, H, L, E) tensors of any strides; the mask is the caller's (broadcastable to
 (N, H, L, S)) and is expanded inside as a stride-0 view. `seed` is an int64 tensor of one element
 drawn from torch's generator (so torch.manual_seed repeats the dropout) or None when dropout_p == 0;
-the ops themselves are deterministic, which keeps torch.compile and opcheck happy.
+the ops themselves are deterministic, which keeps torch.compile and opcheck happy. Their backward
+is deterministic too (no atomics): the same inputs give bit-identical gradients. Second-order
+gradients raise `SecondOrderError`, naming the op and what to use instead.
 
 Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton
 interpreter when TRITON_INTERPRET=1 was set before triton was imported, else torch's SDPA (after
@@ -22,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fasttf import reference
-from fasttf._checks import check_same_device, check_tensor
+from fasttf._checks import SecondOrderError, check_same_device, check_tensor, no_second_order  # noqa: F401
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
 
@@ -64,19 +70,54 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, 
     return out, lse
 
 
+def _mask_grad_shape(attn_mask: Tensor) -> tuple[int, ...]:
+    """attn_mask's shape with leading 1s up to 4-D (N', H', L', S'), each 1 or the full size."""
+    return (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+
+
 @torch.library.custom_op("fasttf::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                        attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
-                       seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                       seed: Tensor | None, grad_weights: Tensor | None, average_heads: bool,
+                       mask_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _require_kernel_device(query)
-    return _kernels.attention_backward(grad_out, query, key, value, out, lse,
-                                       _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale, seed)
+    if grad_weights is not None and grad_weights.dim() != (3 if average_heads else 4):
+        raise RuntimeError(f"torch.ops.fasttf.attention_backward: grad_weights of shape {tuple(grad_weights.shape)} "
+                           f"does not match average_heads={average_heads}")
+    mask_grad = mask_requires_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+    shape4 = _mask_grad_shape(attn_mask) if mask_grad else None
+    grad_q, grad_k, grad_v, dmask = _kernels.attention_backward(
+        grad_out, query, key, value, out, lse, _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale,
+        seed, grad_weights, shape4[:2] if mask_grad else None)
+    if not mask_grad:
+        return grad_q, grad_k, grad_v, query.new_empty(0)
+    # the kernel summed the broadcast batches and heads; broadcast query or key positions are summed here
+    reduced = [dim for dim in (2, 3) if shape4[dim] == 1 and dmask.size(dim) != 1]
+    if reduced:
+        dmask = dmask.sum(dim=reduced, keepdim=True)
+    return grad_q, grad_k, grad_v, dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-                             seed):
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+                             seed, grad_weights, average_heads, mask_requires_grad):
+    mask_grad = mask_requires_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask
+
+
+@torch.library.custom_op("fasttf::attention_weights", mutates_args=())
+def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                      is_causal: bool, scale: float, seed: Tensor | None, average_heads: bool) -> Tensor:
+    _require_kernel_device(query)
+    return _kernels.attention_weights(query, key, lse, _expanded_mask(attn_mask, query, key), dropout_p, is_causal,
+                                      scale, seed, average_heads)
+
+
+@attention_weights.register_fake
+def _attention_weights_fake(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
+    batch, heads, length_q, _ = query.shape
+    return query.new_empty((batch, length_q, key.size(2)) if average_heads else (batch, heads, length_q, key.size(2)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,12 +130,51 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_backward(grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p,
-                                                ctx.is_causal, ctx.scale, seed)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+    mask_requires_grad = ctx.needs_input_grad[3] and attn_mask is not None and attn_mask.dtype != torch.bool
+    grad_q, grad_k, grad_v, grad_mask = attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, None, False,
+        mask_requires_grad)
+    return grad_q, grad_k, grad_v, (grad_mask if mask_requires_grad else None), None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+_no_second_order = no_second_order(OP, "torch.nn.functional.scaled_dot_product_attention (or fasttf.reference."
+                                       "scaled_dot_product_attention)")
+
+
+def _remember_nothing(ctx, inputs, output):
+    pass
+
+
+attention_backward.register_autograd(_no_second_order, setup_context=_remember_nothing)
+attention_weights.register_autograd(_no_second_order, setup_context=_remember_nothing)
+
+
+class _AttentionWithWeights(torch.autograd.Function):
+    """out and the weights from one kernel pair: the forward saves lse2, the weights kernel reads
+    it; the backward takes both incoming gradients in one call of attention_backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
+        out, lse = torch.ops.fasttf.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        weights = torch.ops.fasttf.attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                                                     average_heads)
+        ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
+        ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.average_heads = dropout_p, is_causal, scale, average_heads
+        return out, weights
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights):
+        query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        mask_requires_grad = ctx.needs_input_grad[3] and attn_mask is not None and attn_mask.dtype != torch.bool
+        grad_q, grad_k, grad_v, grad_mask = torch.ops.fasttf.attention_backward(
+            grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed,
+            grad_weights, ctx.average_heads, mask_requires_grad)
+        return grad_q, grad_k, grad_v, (grad_mask if mask_requires_grad else None), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +285,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Bool mask True = attend, float mask added; any shape broadcastable to (N, H, L, S). is_causal is
     top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
-    query, key and value; a float attn_mask that requires grad takes the plain-torch path.
+    query, key, value and a float attn_mask (its gradient summed over the dims it was broadcast along).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if scale is None:
@@ -214,8 +294,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     reason = _fallback_reason(query)
     if reason is None and head_dim > MAX_HEAD_DIM:
         reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
-    if reason is None and attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        reason = "attn_mask requires grad (the kernel gives no gradient for the mask)"
     if reason is not None:
         fall_back(OP, reason)
         return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -226,3 +304,50 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
     out, _ = attention_forward(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale), seed)
     return out if batched else out.squeeze(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# With the weights (fasttf.MultiheadAttention's need_weights=True)
+
+
+def _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads):
+    """The fallback: softmax(q k^T * scale + mask) -> dropout -> @ v, materialising the (N, H, L, S)
+    weights as torch's multi_head_attention_forward does. A row with every key masked gets 0."""
+    group = query.size(1) // key.size(1)
+    if group != 1:
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = (query * scale) @ key.transpose(-2, -1)  # q scaled first, as torch
+    if is_causal:
+        causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    empty_row = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    weights = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p)
+    return weights @ value, (weights.mean(dim=1) if average_heads else weights)
+
+
+def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                           average_heads: bool = True, enable_gqa: bool = False) -> tuple[Tensor, Tensor]:
+    """(scaled_dot_product_attention(...), its weights after dropout) for 4-D (N, H, L, E) inputs:
+    weights (N, L, S) averaged over the heads, else (N, H, L, S), in query's dtype, written by a
+    kernel from the saved log-sum-exp (nothing L x S is saved for backward). Both are
+    differentiable; gradients flow through the weights into query, key and a float mask."""
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if query.dim() != 4:
+        raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    head_dim = max(query.size(-1), value.size(-1))
+    reason = _fallback_reason(query)
+    if reason is None and head_dim > MAX_HEAD_DIM:
+        reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    if reason is not None:
+        fall_back(OP, reason)
+        return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)
+    seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
+    return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
+                                       seed, bool(average_heads))

@@ -18,7 +18,7 @@ dresidual), dweight/dbias are empty when not asked for.
 import torch
 
 from fasttf import _extension
-from fasttf._checks import check_dropout_p, check_same_device
+from fasttf._checks import check_dropout_p, check_same_device, no_second_order
 
 _extension_ready = _extension.is_available()
 _SEED_HIGH = 2 ** 62
@@ -112,6 +112,11 @@ if _extension_ready:
 
     torch.library.register_autograd("fasttf::add_layer_norm", _add_layer_norm_backward,
                                     setup_context=_add_layer_norm_setup)
+
+    torch.library.register_autograd(  # its backward is not differentiable: a clear error, never a silent one
+        "fasttf::add_layer_norm_backward",
+        no_second_order("add_layer_norm", "torch.nn.functional.layer_norm(residual + dropout(x), ...)"),
+        setup_context=lambda ctx, inputs, output: None)
 
 
 def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 0.0,
