@@ -17,6 +17,9 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
 # The optional extras the tests cover: setup.py's extras_require (fasttf[transformers]).
 EXTRAS := "transformers>=5.17,<6"
+# torch.compile's cache inside the venv, not the machine-wide /tmp/torchinductor_$USER: a cache made by
+# another checkout whose fasttf ops had other signatures fails the compile tests (make clean clears it).
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/$(VENV)/torchinductor
 # Triton kernels run under the Triton interpreter where there is no GPU.
 INTERPRET = $(shell $(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)" 2>/dev/null || echo 1)
 SOURCES := setup.py $(wildcard csrc/*.py csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
