@@ -41,12 +41,15 @@ typedef uint16_t U16x16 __attribute__((vector_size(32), aligned(2), may_alias));
 // bfloat16 <-> float: the top half of the float's bits; rounding to nearest even, NaN -> 0x7FC0.
 FASTTF_INLINE F32x16 bf16_to_float(U16x16 h) { return (F32x16)(__builtin_convertvector(h, U32x16) << 16); }
 
-FASTTF_INLINE U16x16 float_to_bf16(F32x16 f) {
+// The bfloat16 bits of f, in the low half of each 32-bit lane.
+FASTTF_INLINE U32x16 bf16_bits(F32x16 f) {
   const U32x16 u = (U32x16)f;
   const U32x16 rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
   const U32x16 nan = (U32x16)(f != f);
-  return __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), U16x16);
+  return (rounded & ~nan) | (0x7FC0u & nan);
 }
+
+FASTTF_INLINE U16x16 float_to_bf16(F32x16 f) { return __builtin_convertvector(bf16_bits(f), U16x16); }
 
 // half <-> float, bit for bit c10's portable fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value.
 FASTTF_INLINE F32x16 half_to_float(U16x16 h) {
@@ -118,14 +121,39 @@ FASTTF_INLINE void st(S* p, X value) {
   }
 }
 
+// Stores value at p as S and returns what was stored, as T (bfloat16: without reading it back).
+template <bool V, typename T, typename S, typename X>
+FASTTF_INLINE X store_rounded(S* p, X value) {
+  if constexpr (V && std::is_same_v<S, c10::BFloat16>) {
+    const U32x16 bits = bf16_bits(value);
+    *reinterpret_cast<U16x16*>(p) = __builtin_convertvector(bits, U16x16);
+    return (F32x16)(bits << 16);
+  } else {
+    st<V>(p, value);
+    return ld<T, V>(p);
+  }
+}
+
 using VecTag = std::true_type;
 using OneTag = std::false_type;
 
-template <typename T>
-FASTTF_INLINE T horizontal_sum(Vec<T> v) {
-  T sum = 0;
-  for (int64_t k = 0; k < kLanes<T>; ++k) sum += v[k];
-  return sum;
+// The sum of a vector's lanes as a tree of shuffles (log2 of the lanes steps, not a chain of adds).
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef int64_t I64x8 __attribute__((vector_size(64)));
+
+FASTTF_INLINE float horizontal_sum(F32x16 v) {
+  v += __builtin_shuffle(v, I32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, I32x16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, I32x16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, I32x16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+FASTTF_INLINE double horizontal_sum(Vec<double> v) {
+  v += __builtin_shuffle(v, I64x8{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, I64x8{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, I64x8{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
 }
 
 // body(j, tag) for every j in [0, n): vectors of kLanes<T>, then the tail one value at a time.
@@ -149,7 +177,7 @@ FASTTF_INLINE T sum_lanes(int64_t n, F term) {
     a3 += term(j + 3 * L, VecTag{});
   }
   for (; j + L <= n; j += L) a0 += term(j, VecTag{});
-  T sum = horizontal_sum<T>((a0 + a1) + (a2 + a3));
+  T sum = horizontal_sum((a0 + a1) + (a2 + a3));
   for (; j < n; ++j) sum += term(j, OneTag{});
   return sum;
 }
@@ -165,7 +193,7 @@ FASTTF_INLINE void sum2_lanes(int64_t n, F term, T* first, T* second) {
     term(j + L, VecTag{}, a1, b1);
   }
   for (; j + L <= n; j += L) term(j, VecTag{}, a0, b0);
-  T a = horizontal_sum<T>(a0 + a1), b = horizontal_sum<T>(b0 + b1);
+  T a = horizontal_sum(a0 + a1), b = horizontal_sum(b0 + b1);
   for (; j < n; ++j) term(j, OneTag{}, a, b);
   *first = a;
   *second = b;
@@ -221,9 +249,10 @@ FASTTF_INLINE void add_norm_row_impl(const S* x, const S* residual, const T* m, 
     auto value = ld<T, V>(x + j);
     if constexpr (kDropout) value = value * ld<T, V>(m + j);
     value = ld<T, V>(residual + j) + value;
-    st<V>(s + j, value);
-    if constexpr (!kSame) {
-      value = ld<T, V>(s + j);  // the statistics of s as stored, which the backward reads
+    if constexpr (kSame) {
+      st<V>(s + j, value);
+    } else {
+      value = store_rounded<V, T>(s + j, value);  // the statistics of s as stored, which the backward reads
       st<V>(s_buf + j, value);
     }
     return value;
