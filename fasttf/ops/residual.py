@@ -88,9 +88,12 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 
     """`residual + dropout(x)` in one pass of the extension's kernel."""
     check_same_device("residual_add", x=x, residual=residual)
     check_dropout_p("residual_add", dropout_p)
-    _extension.require("residual_add")
+    extension = _extension.require("residual_add")
     p = float(dropout_p) if training else 0.0
-    return torch.ops.fasttf.residual_add.default(x, residual, p, dropout_seed() if p > 0.0 else None)
+    seed = dropout_seed() if p > 0.0 else None
+    if torch.compiler.is_compiling():
+        return torch.ops.fasttf.residual_add.default(x, residual, p, seed)
+    return extension.residual_add(x, residual, p, seed)  # the same op through pybind11: ~1.5 us less a call
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -101,8 +104,11 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     check_dropout_p(op, dropout_p)
     if not eps >= 0.0:
         raise ValueError(f"fasttf.{op}: expected eps >= 0, got {eps}")
-    _extension.require(op)
+    extension = _extension.require(op)
     p = float(dropout_p) if training else 0.0
-    out, s, _, _ = torch.ops.fasttf.add_layer_norm.default(x, residual, weight, bias, float(eps), p,
-                                                           dropout_seed() if p > 0.0 else None)
+    seed = dropout_seed() if p > 0.0 else None
+    if torch.compiler.is_compiling():
+        out, s, _, _ = torch.ops.fasttf.add_layer_norm.default(x, residual, weight, bias, float(eps), p, seed)
+    else:  # the same op through pybind11: ~1.5 us less a call
+        out, s, _, _ = extension.add_layer_norm(x, residual, weight, bias, float(eps), p, seed)
     return out, s
