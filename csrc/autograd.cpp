@@ -1,4 +1,4 @@
-// The autograd kernels of residual_add and add_layer_norm, in C++ (torch::autograd::Function):
+// The autograd kernels of residual_add, add_layer_norm and positional_encoding, in C++ (torch::autograd::Function):
 // without a Python autograd.Function on the way, a call costs about what eager's `residual + x`
 // costs, which matters at small D where the kernels take tens of microseconds. The forward
 // calls the device kernel below autograd; the backward calls the backward op through the
@@ -7,6 +7,7 @@
 //   residual_add:   dresidual = dy,  dx = dy (no kernel) or residual_add_backward(dy, p, seed)
 //   add_layer_norm: (dresidual, dx, dweight, dbias) = add_layer_norm_backward(dout, ds, ...), dx = dresidual
 //                   without dropout; mean and rstd are outputs without a gradient.
+//   positional_encoding: dx = positional_encoding_backward(dy, scale)
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -48,6 +49,22 @@ c10::TypedOperatorHandle<AddLayerNormBackwardSignature> add_layer_norm_backward_
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fasttf::add_layer_norm_backward", "")
                              .typed<AddLayerNormBackwardSignature>();
+  return op;
+}
+
+using PositionalEncodingSignature = at::Tensor(const at::Tensor&, const OptTensor&, int64_t, double, double, bool);
+
+c10::TypedOperatorHandle<PositionalEncodingSignature> positional_encoding_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::positional_encoding", "")
+                             .typed<PositionalEncodingSignature>();
+  return op;
+}
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double)> positional_encoding_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::positional_encoding_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, double)>();
   return op;
 }
 
@@ -115,6 +132,27 @@ class AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
   }
 };
 
+class PositionalEncoding : public torch::autograd::Function<PositionalEncoding> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& offsets, int64_t offset,
+                            double scale, double base, bool batch_first) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["scale"] = scale;
+    return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor dx;
+    if (grads[0].defined()) dx = positional_encoding_backward_op().call(grads[0], ctx->saved_data["scale"].toDouble());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
+                                        double base, bool batch_first) {
+  return PositionalEncoding::apply(x, offsets, offset, scale, base, batch_first);
+}
+
 at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual, double dropout_p,
                                  const OptTensor& seed) {
   return ResidualAdd::apply(x, residual, dropout_p, seed);
@@ -131,6 +169,7 @@ Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual,
 TORCH_LIBRARY_IMPL(fasttf, Autograd, m) {
   m.impl("residual_add", &residual_add_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
+  m.impl("positional_encoding", &positional_encoding_autograd);
 }
 
 }  // namespace fasttf
