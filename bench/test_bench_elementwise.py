@@ -20,10 +20,12 @@ report gives every entry's GB/s as a fraction of it.
 
 Shapes: CPU float32 (N, T, D) = (8, T, 512) for T = 128, 512, 2048 ((8, 512, 512) is issue 4's target:
 fasttf >= 1.5x eager forward, >= 1.2x forward+backward); GPU float32, float16, bfloat16 (8, T, 1024)
-for T = 512, 2048, 8192.
+for T = 512, 2048, 8192. FASTTF_BENCH_ELEMENTWISE=dims instead runs issue 18's matrix on any device:
+float32 and bfloat16, (8, 512, D) for D = 64, 512, 768, 4096 (run it once per FASTTF_BENCH_THREADS).
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -38,6 +40,8 @@ def shapes():
     """(dtype, (N, T, D)) of every group on this device."""
     if TINY:
         return [(torch.float32, (2, 8, 16))]
+    if os.environ.get("FASTTF_BENCH_ELEMENTWISE") == "dims":
+        return [(dtype, (8, 512, dim)) for dtype in (torch.float32, torch.bfloat16) for dim in (64, 512, 768, 4096)]
     if ON_GPU:
         return [(dtype, (8, length, 1024)) for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for length in (512, 2048, 8192)]

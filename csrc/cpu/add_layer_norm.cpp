@@ -8,8 +8,9 @@
 //   dweight   = sum_rows dout * xhat,   dbias = sum_rows dout
 // dweight/dbias: a partial sum per fixed block of kRowsPerBlock rows, then the partials are added
 // in block order, so the result does not depend on the number of threads.
-// The row passes are in row_math.cpp (omp simd loops compiled per x86 level; faster than the
-// portable at::vec::Vectorized an extension gets, see row_math.h); the stage-2 sum uses Vectorized.
+// The row passes are in row_math.cpp: per row, the forward reads x and residual once and writes s
+// and out (the statistics come from s in L1), the backward reads dy and s once and writes
+// dresidual (and dx with dropout); see row_math.h for the vectorisation.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -56,7 +57,6 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
   auto rstd = at::empty({rows}, x_c.options().dtype(stat_dtype(x_c)));
   const uint64_t seed_v = seed_value(seed);
   const bool dropout = dropout_p > 0.0;
-  const bool affine = has(weight) || has(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_c.scalar_type(), "add_layer_norm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto w = affine_or<scalar_t>(weight, dim, 1.0);
@@ -68,25 +68,15 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
     scalar_t* op = out.data_ptr<scalar_t>();
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
+    const acc_t eps_acc = static_cast<acc_t>(eps);
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> x_buffer(dim), r_buffer(dim), s_buffer(dim), o_buffer(dim), m_buffer(dropout ? dim : 0);
+      std::vector<acc_t> s_buffer(std::is_same_v<scalar_t, acc_t> ? 0 : dim), m_buffer(dropout ? dim : 0);
+      const acc_t* m = dropout ? m_buffer.data() : nullptr;
       for (int64_t row = begin; row < end; ++row) {
         const int64_t at_ = row * dim;
-        const acc_t* xr = load_row<scalar_t, acc_t>(xp + at_, x_buffer.data(), dim);
-        const acc_t* rr = load_row<scalar_t, acc_t>(rp + at_, r_buffer.data(), dim);
-        acc_t* sr = output_row<scalar_t, acc_t>(sp + at_, s_buffer.data());
         if (dropout) drop.fill(at_, dim, m_buffer.data());
-        add_row(xr, rr, dropout ? m_buffer.data() : nullptr, sr, dim);
-        // the statistics of s as stored (rounded to a 16-bit type), which the backward reads
-        store_row<scalar_t, acc_t>(sr, sp + at_, dim);
-        const acc_t* s_stored = load_row<scalar_t, acc_t>(sp + at_, s_buffer.data(), dim);
-        acc_t mu, rs;
-        row_stats(s_stored, dim, static_cast<acc_t>(eps), &mu, &rs);
-        mean_p[row] = mu;
-        rstd_p[row] = rs;
-        acc_t* orow = output_row<scalar_t, acc_t>(op + at_, o_buffer.data());
-        norm_row(s_stored, mu, rs, w.data(), b.data(), orow, dim);
-        store_row<scalar_t, acc_t>(orow, op + at_, dim);
+        add_norm_row(xp + at_, rp + at_, m, w.data(), b.data(), eps_acc, sp + at_, op + at_, s_buffer.data(),
+                     mean_p + row, rstd_p + row, dim);
       }
     });
   });
@@ -137,8 +127,9 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
     scalar_t* dxp = dropout ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* partial_p = need_partials ? partials.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<acc_t> dy_buffer(dim), s_buffer(dim), gs_buffer(dim), ds_buffer(dim), dx_buffer(dim),
-          m_buffer(dropout ? dim : 0);
+      constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> dy_buffer(kSame ? 0 : dim), s_buffer(kSame ? 0 : dim), m_buffer(dropout ? dim : 0);
+      const acc_t* m = dropout ? m_buffer.data() : nullptr;
       for (int64_t block = block_begin; block < block_end; ++block) {
         acc_t* dw_part = need_partials ? partial_p + (2 * block) * dim : nullptr;
         acc_t* db_part = need_partials ? partial_p + (2 * block + 1) * dim : nullptr;
@@ -149,19 +140,10 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
         const int64_t row_end = std::min(rows, (block + 1) * kRowsPerBlock);
         for (int64_t row = block * kRowsPerBlock; row < row_end; ++row) {
           const int64_t at_ = row * dim;
-          const acc_t* dy = load_row<scalar_t, acc_t>(dyp + at_, dy_buffer.data(), dim);
-          const acc_t* sr = load_row<scalar_t, acc_t>(sp + at_, s_buffer.data(), dim);
-          const acc_t mu = mean_p[row], rs = rstd_p[row];
-          acc_t c1, c2;
-          norm_backward_sums(dy, sr, w.data(), mu, rs, dim, &c1, &c2);
-          const acc_t* gs = gsp ? load_row<scalar_t, acc_t>(gsp + at_, gs_buffer.data(), dim) : nullptr;
           if (dropout) drop.fill(at_, dim, m_buffer.data());
-          acc_t* ds = output_row<scalar_t, acc_t>(drp + at_, ds_buffer.data());
-          acc_t* dxr = dropout ? output_row<scalar_t, acc_t>(dxp + at_, dx_buffer.data()) : nullptr;
-          norm_backward_row(dy, sr, w.data(), gs, dropout ? m_buffer.data() : nullptr, mu, rs, c1, c2, ds, dxr,
-                            dw_part, db_part, dim);
-          store_row<scalar_t, acc_t>(ds, drp + at_, dim);
-          if (dropout) store_row<scalar_t, acc_t>(dxr, dxp + at_, dim);
+          add_norm_backward_row(dyp + at_, sp + at_, gsp ? gsp + at_ : nullptr, m, w.data(), mean_p[row], rstd_p[row],
+                                drp + at_, dxp ? dxp + at_ : nullptr, dw_part, db_part, dy_buffer.data(),
+                                s_buffer.data(), dim);
         }
       }
     });
@@ -176,8 +158,7 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
           std::fill(target + begin, target + end, acc_t(0));
           for (int64_t block = 0; block < blocks; ++block) {
             const acc_t* part = partial_p + (2 * block + k) * dim;
-            map2<acc_t>(target + begin, target + begin, part + begin, end - begin,
-                        [](auto a, auto b) { return a + b; });
+            add_rows(part + begin, target + begin, static_cast<const acc_t*>(nullptr), target + begin, end - begin);
           }
         }
       });

@@ -96,7 +96,7 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t scale_acc = static_cast<acc_t>(scale);
     at::parallel_for(0, layout.rows, std::max<int64_t>(1, 16384 / dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> x_buffer(dim), y_buffer(dim), pe_buffer(table_data ? 0 : dim);
+      std::vector<acc_t> pe_buffer(table_data ? 0 : dim);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t t = (r / layout.t_div) % layout.t_mod;
         const int64_t n = (r / layout.n_div) % layout.n_mod;
@@ -108,10 +108,7 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
           sinusoid_row<acc_t>(position, inv_freq, pe_buffer.data());
           pe = pe_buffer.data();
         }
-        const acc_t* xr = load_row<scalar_t, acc_t>(xp + r * dim, x_buffer.data(), dim);
-        acc_t* yr = output_row<scalar_t, acc_t>(yp + r * dim, y_buffer.data());
-        scale_add_row(xr, scale_acc, pe, yr, dim);
-        store_row<scalar_t, acc_t>(yr, yp + r * dim, dim);
+        scale_add_rows(xp + r * dim, scale_acc, pe, yp + r * dim, dim);
       }
     });
   });
@@ -130,15 +127,7 @@ at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale) {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-      constexpr int64_t kChunk = 4096;
-      acc_t g_buffer[kChunk], d_buffer[kChunk];
-      for (int64_t c = begin; c < end; c += kChunk) {
-        const int64_t len = std::min(kChunk, end - c);
-        const acc_t* gr = load_row<scalar_t, acc_t>(gp + c, g_buffer, len);
-        acc_t* dr = output_row<scalar_t, acc_t>(dp + c, d_buffer);
-        scale_add_row(gr, scale_acc, static_cast<const acc_t*>(nullptr), dr, len);
-        store_row<scalar_t, acc_t>(dr, dp + c, len);
-      }
+      scale_add_rows(gp + begin, scale_acc, static_cast<const acc_t*>(nullptr), dp + begin, end - begin);
     });
   });
   return dx;

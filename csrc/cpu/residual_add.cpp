@@ -14,25 +14,28 @@ namespace fasttf {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 2048;  // elements per inner step: the buffers stay in L1
+constexpr int64_t kChunk = 2048;   // elements per step of the dropout multipliers: the buffer stays in L1
+constexpr int64_t kGrain = 16384;  // elements a thread takes at least
 
 // out = (residual ? residual : 0) + x * m over a flat contiguous tensor.
 template <typename scalar_t>
 void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t n, double dropout_p,
                  uint64_t seed) {
   using acc_t = acc_type<scalar_t>;
-  const bool dropout = dropout_p > 0.0;
+  if (dropout_p == 0.0) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      add_rows(x + begin, residual ? residual + begin : nullptr, static_cast<const acc_t*>(nullptr), out + begin,
+               end - begin);
+    });
+    return;
+  }
   const DropoutRow<acc_t> drop{seed, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
-  at::parallel_for(0, n, 4 * kChunk, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t x_buffer[kChunk], r_buffer[kChunk], o_buffer[kChunk], m_buffer[kChunk];
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t m_buffer[kChunk];
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t len = std::min(kChunk, end - c);
-      const acc_t* xr = load_row<scalar_t, acc_t>(x + c, x_buffer, len);
-      acc_t* orow = output_row<scalar_t, acc_t>(out + c, o_buffer);
-      if (dropout) drop.fill(c, len, m_buffer);
-      const acc_t* rr = residual ? load_row<scalar_t, acc_t>(residual + c, r_buffer, len) : nullptr;
-      add_row(xr, rr, dropout ? m_buffer : nullptr, orow, len);
-      store_row<scalar_t, acc_t>(orow, out + c, len);
+      drop.fill(c, len, m_buffer);
+      add_rows(x + c, residual ? residual + c : nullptr, m_buffer, out + c, len);
     }
   });
 }

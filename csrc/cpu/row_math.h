@@ -1,33 +1,45 @@
-// The per-row math of add_layer_norm, residual_add and positional_encoding on the CPU, for float and double rows.
-// Written as `#pragma omp simd` loops in functions compiled for AVX-512, AVX2 and plain x86-64
-// (GCC target_clones, picked when the library loads). Measured on (8,512,512) float32 rows,
-// these run ~2.8x faster than the same passes written with at::vec::Vectorized, which in an
-// extension is ATen's portable (non-AVX) flavour: ATen's AVX2 Vectorized needs Sleef headers
-// that the torch wheel does not ship.
+// The per-row math of add_layer_norm, residual_add and positional_encoding on the CPU.
+//
+// One overload per storage type S of a row in memory (float, double, bfloat16, half); the math is
+// in T = float (double for double). The rows are read and written in their own dtype: 16-bit
+// values are widened and rounded back (round to nearest even, as c10::BFloat16/c10::Half do)
+// in vector registers, so no pass converts a row into a buffer first.
+//
+// Written with GCC vector extensions (64-byte vectors: 16 floats) in functions compiled for
+// AVX-512, AVX2 and plain x86-64 (target_clones, picked when the library loads); reductions keep
+// four vector accumulators so they run at load throughput, not at add latency. ATen's own AVX2/
+// AVX-512 at::vec::Vectorized needs Sleef headers the torch wheel does not ship, so an extension
+// only gets its portable flavour.
 #pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 namespace fasttf {
 namespace cpu {
 
-#define FASTTF_ROW_MATH(T)                                                                                        \
-  /* out = (residual ? residual : 0) + x * (m ? m : 1) */                                                      \
-  void add_row(const T* x, const T* residual, const T* m, T* out, int64_t n);                                  \
-  /* out = x * scale + (pe ? pe : 0) */                                                                       \
-  void scale_add_row(const T* x, T scale, const T* pe, T* out, int64_t n);                                     \
-  /* mean = sum(s) / n, rstd = 1 / sqrt(sum((s - mean)^2) / n + eps) */                                        \
-  void row_stats(const T* s, int64_t n, T eps, T* mean, T* rstd);                                              \
-  /* out = (s - mean) * rstd * w + b */                                                                        \
-  void norm_row(const T* s, T mean, T rstd, const T* w, const T* b, T* out, int64_t n);                        \
-  /* c1 = sum(dy * w) / n, c2 = sum(dy * w * xhat) / n, xhat = (s - mean) * rstd */                           \
-  void norm_backward_sums(const T* dy, const T* s, const T* w, T mean, T rstd, int64_t n, T* c1, T* c2);       \
-  /* ds = rstd * (dy * w - c1 - xhat * c2) + (gs ? gs : 0); dx = ds * m (if dx);                               \
-     dw_part += dy * xhat, db_part += dy (if dw_part) */                                                       \
-  void norm_backward_row(const T* dy, const T* s, const T* w, const T* gs, const T* m, T mean, T rstd, T c1,    \
-                         T c2, T* ds, T* dx, T* dw_part, T* db_part, int64_t n);
+#define FASTTF_ROW_MATH(S, T)                                                                                   \
+  /* out = (residual ? residual : 0) + x * (m ? m : 1), over n contiguous values */                           \
+  void add_rows(const S* x, const S* residual, const T* m, S* out, int64_t n);                                 \
+  /* out = x * scale + (pe ? pe : 0) */                                                                         \
+  void scale_add_rows(const S* x, T scale, const T* pe, S* out, int64_t n);                                     \
+  /* one row of add_layer_norm:  s = residual + x * (m ? m : 1)  (stored as S),                                \
+     mean = sum(s) / n,  rstd = 1 / sqrt(sum((s - mean)^2) / n + eps)  (of s as stored),                       \
+     out = (s - mean) * rstd * w + b.  s_buf: n values of scratch (unused when S == T). */                     \
+  void add_norm_row(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out,     \
+                    T* s_buf, T* mean, T* rstd, int64_t n);                                                     \
+  /* one row of its backward, with xhat = (s - mean) * rstd, g = dy * w:                                       \
+     ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + (grad_s ? grad_s : 0);  dx = ds * m (if dx);          \
+     dw_part += dy * xhat, db_part += dy (if dw_part).  dy_buf, s_buf: scratch (unused when S == T). */        \
+  void add_norm_backward_row(const S* dy, const S* s, const S* grad_s, const T* m, const T* w, T mean, T rstd,  \
+                             S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n);
 
-FASTTF_ROW_MATH(float)
-FASTTF_ROW_MATH(double)
+FASTTF_ROW_MATH(float, float)
+FASTTF_ROW_MATH(double, double)
+FASTTF_ROW_MATH(c10::BFloat16, float)
+FASTTF_ROW_MATH(c10::Half, float)
+
 #undef FASTTF_ROW_MATH
 
 }  // namespace cpu

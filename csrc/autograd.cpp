@@ -1,0 +1,175 @@
+// The autograd kernels of residual_add, add_layer_norm and positional_encoding, in C++ (torch::autograd::Function):
+// without a Python autograd.Function on the way, a call costs about what eager's `residual + x`
+// costs, which matters at small D where the kernels take tens of microseconds. The forward
+// calls the device kernel below autograd; the backward calls the backward op through the
+// dispatcher (so a backward op's own autograd registration, in Python, still applies).
+//
+//   residual_add:   dresidual = dy,  dx = dy (no kernel) or residual_add_backward(dy, p, seed)
+//   add_layer_norm: (dresidual, dx, dweight, dbias) = add_layer_norm_backward(dout, ds, ...), dx = dresidual
+//                   without dropout; mean and rstd are outputs without a gradient.
+//   positional_encoding: dx = positional_encoding_backward(dy, scale)
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace fasttf {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double, const OptTensor&)>
+residual_add_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::residual_add", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const OptTensor&)>();
+  return op;
+}
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double, const OptTensor&)> residual_add_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::residual_add_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, double, const OptTensor&)>();
+  return op;
+}
+
+using AddLayerNormSignature = Tensor4(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
+                                      double, const OptTensor&);
+using AddLayerNormBackwardSignature = Tensor4(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, const OptTensor&, bool, bool,
+                                              double, const OptTensor&);
+
+c10::TypedOperatorHandle<AddLayerNormSignature> add_layer_norm_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::add_layer_norm", "").typed<AddLayerNormSignature>();
+  return op;
+}
+
+c10::TypedOperatorHandle<AddLayerNormBackwardSignature> add_layer_norm_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::add_layer_norm_backward", "")
+                             .typed<AddLayerNormBackwardSignature>();
+  return op;
+}
+
+using PositionalEncodingSignature = at::Tensor(const at::Tensor&, const OptTensor&, int64_t, double, double, bool);
+
+c10::TypedOperatorHandle<PositionalEncodingSignature> positional_encoding_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::positional_encoding", "")
+                             .typed<PositionalEncodingSignature>();
+  return op;
+}
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double)> positional_encoding_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::positional_encoding_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, double)>();
+  return op;
+}
+
+OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+class ResidualAdd : public torch::autograd::Function<ResidualAdd> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual, double dropout_p,
+                            const OptTensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = residual_add_op().call(x, residual, dropout_p, seed);  // checks the arguments
+    ctx->saved_data["dropout_p"] = dropout_p;
+    if (dropout_p > 0.0) ctx->save_for_backward({*seed});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    at::Tensor dx = grad;
+    if (dropout_p > 0.0 && grad.defined()) {
+      dx = residual_add_backward_op().call(grad, dropout_p, optional_of(ctx->get_saved_variables()[0]));
+    }
+    return {dx, grad, at::Tensor(), at::Tensor()};
+  }
+};
+
+class AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, double eps, double dropout_p,
+                               const OptTensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, s, mean, rstd] = add_layer_norm_op().call(x, residual, weight, bias, eps, dropout_p, seed);
+    ctx->save_for_backward({s, mean, rstd, weight.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // an unused output (s, mean, rstd) costs no tensor of zeros
+    return {out, s, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3], &seed = saved[4];
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    at::Tensor grad_out = grads[0];
+    const at::Tensor& grad_s = grads[1];
+    if (!grad_out.defined() && !grad_s.defined()) return variable_list(7);
+    if (!grad_out.defined()) grad_out = at::zeros_like(s);
+    // needs_input_grad counts the tensor inputs only: x, residual, then weight and bias when given
+    const bool need_dweight = weight.defined() && ctx->needs_input_grad(2);
+    const bool need_dbias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight.defined() ? 3 : 2);
+    auto [dresidual, dx, dweight, dbias] =
+        add_layer_norm_backward_op().call(grad_out, optional_of(grad_s), s, mean, rstd, optional_of(weight),
+                                          need_dweight, need_dbias, dropout_p, optional_of(seed));
+    if (dropout_p == 0.0) dx = dresidual;
+    return {dx,
+            dresidual,
+            need_dweight ? dweight : at::Tensor(),
+            need_dbias ? dbias : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+class PositionalEncoding : public torch::autograd::Function<PositionalEncoding> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& offsets, int64_t offset,
+                            double scale, double base, bool batch_first) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["scale"] = scale;
+    return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor dx;
+    if (grads[0].defined()) dx = positional_encoding_backward_op().call(grads[0], ctx->saved_data["scale"].toDouble());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
+                                        double base, bool batch_first) {
+  return PositionalEncoding::apply(x, offsets, offset, scale, base, batch_first);
+}
+
+at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual, double dropout_p,
+                                 const OptTensor& seed) {
+  return ResidualAdd::apply(x, residual, dropout_p, seed);
+}
+
+Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,
+                                const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed) {
+  auto outputs = AddLayerNorm::apply(x, residual, weight, bias, eps, dropout_p, seed);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasttf, Autograd, m) {
+  m.impl("residual_add", &residual_add_autograd);
+  m.impl("add_layer_norm", &add_layer_norm_autograd);
+  m.impl("positional_encoding", &positional_encoding_autograd);
+}
+
+}  // namespace fasttf
