@@ -10,10 +10,10 @@ Both take 4-D (N, H, L, E) tensors of any strides; the mask is the caller's (bro
 drawn from torch's generator (so torch.manual_seed repeats the dropout) or None when dropout_p == 0;
 the ops themselves are deterministic, which keeps torch.compile and opcheck happy.
 
-Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton
-interpreter when TRITON_INTERPRET=1 was set before triton was imported, else torch's SDPA (after
-`fall_back`). float16, bfloat16 and float32 run the kernels; other dtypes run fasttf.reference
-(after `fall_back`).
+Where it runs: CUDA tensors run the Triton kernels (float16, bfloat16, float32; other dtypes run
+fasttf.reference after `fall_back`). CPU tensors run fasttf's C++ kernel (fasttf/ops/attention_cpu.py,
+every float dtype) unless FASTTF_CPU_ATTENTION=triton, which runs the Triton kernels under the
+interpreter (TRITON_INTERPRET=1 set before triton is imported; else a clear error).
 """
 
 import math
@@ -25,6 +25,7 @@ from fasttf import reference
 from fasttf._checks import check_same_device, check_tensor
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
+from fasttf.ops import attention_cpu as _cpu  # the C++ CPU kernel and FASTTF_CPU_ATTENTION
 
 OP = "scaled_dot_product_attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,6 +52,8 @@ def _require_kernel_device(tensor: Tensor) -> None:
 @torch.library.custom_op("fasttf::attention_forward", mutates_args=())
 def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
                       is_causal: bool, scale: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        return _cpu.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
     _require_kernel_device(query)
     return _kernels.attention_forward(query, key, value, _expanded_mask(attn_mask, query, key), dropout_p,
                                       is_causal, scale, seed)
@@ -60,7 +63,8 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tens
 def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     batch, heads, length_q, _ = query.shape
     out = query.new_empty((batch, heads, length_q, value.size(3)))
-    lse = query.new_empty((batch, heads, length_q), dtype=torch.float32)
+    lse = query.new_empty((batch, heads, length_q), dtype=torch.float64 if query.dtype == torch.float64 else
+                          torch.float32)
     return out, lse
 
 
@@ -68,6 +72,9 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, 
 def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                        attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
                        seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        return _cpu.attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
+                                       scale, seed)[:3]
     _require_kernel_device(query)
     return _kernels.attention_backward(grad_out, query, key, value, out, lse,
                                        _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale, seed)
@@ -111,6 +118,10 @@ def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor
     `seed`: `reference.scaled_dot_product_attention(..., dropout_mask=mask)` replays it."""
     heads, length_q, length_k = query.size(-3), query.size(-2), key.size(-2)
     batch = query.size(0) if query.dim() == 4 else 1
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        keep = _cpu.dropout_keep_mask(query if query.dim() == 4 else query.unsqueeze(0),
+                                      key if key.dim() == 4 else key.unsqueeze(0), dropout_p, seed)
+        return keep if query.dim() == 4 else keep[0]
     _require_kernel_device(query)
     keep = _kernels.dropout_keep_mask(batch, heads, length_q, length_k, dropout_p, seed.to(query.device),
                                       query.device)
@@ -170,6 +181,10 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa):
 
 
 def _fallback_reason(query: Tensor) -> str | None:
+    if _cpu.runs_native(query):  # the C++ CPU kernel takes every float dtype and head dim
+        return None
+    if query.device.type == "cpu":
+        _cpu.require_interpreter(_kernels.INTERPRET)  # FASTTF_CPU_ATTENTION=triton without the interpreter
     if query.dtype not in KERNEL_DTYPES:
         return f"dtype {query.dtype} is not one of float16, bfloat16, float32"
     if query.device.type != "cuda" and not _kernels.INTERPRET:
@@ -212,7 +227,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         scale = 1.0 / math.sqrt(query.size(-1))
     head_dim = max(query.size(-1), value.size(-1))
     reason = _fallback_reason(query)
-    if reason is None and head_dim > MAX_HEAD_DIM:
+    if reason is None and head_dim > MAX_HEAD_DIM and not _cpu.runs_native(query):
         reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
     if reason is None and attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         reason = "attn_mask requires grad (the kernel gives no gradient for the mask)"
