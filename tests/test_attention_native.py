@@ -245,3 +245,13 @@ def test_dropout_trains_without_interpreter_under_strict(monkeypatch):
     query, key, value = (t.requires_grad_() for t in make_inputs(2, 2, 30, 30, 8))
     fasttf.scaled_dot_product_attention(query, key, value, dropout_p=0.1, is_causal=True).sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (query, key, value))
+
+
+def test_native_attention_learns_a_bias():
+    query, key, value = (t.requires_grad_() for t in make_inputs(2, 3, 20, 30, 8))
+    bias = torch.randn(3, 20, 30, requires_grad=True)
+    attention_cpu.native_attention(query, key, value, bias, is_causal=True).square().sum().backward()
+    inputs64 = [t.detach().double().requires_grad_() for t in (query, key, value, bias)]
+    reference.scaled_dot_product_attention(*inputs64[:3], inputs64[3], is_causal=True).square().sum().backward()
+    for mine, truth in zip((query, key, value, bias), inputs64):
+        torch.testing.assert_close(mine.grad.double(), truth.grad, atol=1e-5, rtol=1e-4)

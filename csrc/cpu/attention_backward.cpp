@@ -193,9 +193,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   g.dq = dq.data_ptr<acc_t>(), g.dk = dk.data_ptr<acc_t>(), g.dv = dv.data_ptr<acc_t>();
   at::Tensor dw;
   if (grad_weights.has_value() && grad_weights->defined()) {
-    const int64_t want_dim = average_heads ? 3 : 4;
-    TORCH_CHECK(grad_weights->dim() == want_dim, "fasttf.native_attention_backward: expected grad_weights of ",
-                want_dim == 3 ? "(N, L, S)" : "(N, H, L, S)", ", got ", shape_str(grad_weights->sizes()));
+    if (average_heads) {
+      TORCH_CHECK(grad_weights->dim() == 3, "fasttf.native_attention_backward: expected grad_weights of shape ",
+                  "(N, L, S) (average_heads), got ", shape_str(grad_weights->sizes()));
+    } else {
+      TORCH_CHECK(grad_weights->dim() == 4, "fasttf.native_attention_backward: expected grad_weights of shape ",
+                  "(N, H, L, S), got ", shape_str(grad_weights->sizes()));
+    }
     dw = grad_weights->to(qa.scalar_type()).contiguous();
     g.dw = dw.data_ptr<acc_t>();
     g.dw_averaged = average_heads;

@@ -74,7 +74,7 @@ void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h,
           for (int64_t j = 0; j < n; ++j) row[j] += mask_value<at::BFloat16>(mask.data, base + j * ss);
           break;
         default:
-          TORCH_CHECK(false, "fasttf attention: unsupported mask dtype ", mask.dtype);
+          TORCH_CHECK(false, "fasttf attention: attn_mask of an unsupported dtype");
       }
     }
   }

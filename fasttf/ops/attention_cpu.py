@@ -118,3 +118,31 @@ if _extension.is_available():
     @torch.library.register_fake("fasttf::native_attention_keep_mask")
     def _keep_mask_fake(q, k, dropout_p, seed):
         return q.new_empty((q.size(0), q.size(1), q.size(2), k.size(2)), dtype=torch.bool)
+
+
+class _NativeAttention(torch.autograd.Function):
+    """The C++ kernel with its mask gradient, for a float mask that requires grad (a learned bias):
+    what fasttf::attention_forward's autograd does once it carries the op contract's mask gradient."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+        out, lse = attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
+        ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = attention_backward(grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p,
+                                               ctx.is_causal, ctx.scale, seed, None, False, mask_grad)
+        return dq, dk, dv, dmask, None, None, None, None
+
+
+def native_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """(N, H, L, E) attention on the C++ kernel, differentiable in q, k, v and a float attn_mask."""
+    scale = query.size(-1) ** -0.5 if scale is None else scale
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    return _NativeAttention.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
+                                  seed)
