@@ -5,6 +5,8 @@
 // exp(x) for x <= 0 (scores minus their row max, or minus lse): x = n ln2 + r, |r| <= ln2 / 2,
 // exp(x) = 2^n * poly(r), the Cephes expf polynomial (about 1 ulp); x below -87 gives 0 (and
 // -inf gives exactly 0, so masked keys carry no weight).
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 
@@ -99,13 +101,57 @@ double row_max(const double* x, int64_t n) {
   return m;
 }
 
-FASTTF_CLONES float exp_shift_sum(float* x, int64_t n, float m) {
+namespace {
+
+// The same exp, eight lanes at a time (AVX2 + FMA): round-to-nearest n, the Cephes polynomial, 2^n
+// from the exponent bits; lanes below -87 give 0.
+__attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
+  const __m256 shift = _mm256_set1_ps(m), low = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f), one = _mm256_set1_ps(1.0f);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), shift);
+    const __m256 under = _mm256_cmp_ps(v, low, _CMP_LT_OQ);
+    v = _mm256_max_ps(v, low);
+    const __m256 fn = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fn, c1, v);
+    r = _mm256_fnmadd_ps(fn, c2, r);
+    __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 e = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
+    const __m256 result = _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
+    _mm256_storeu_ps(x + j, result);
+    total = _mm256_add_ps(total, result);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, total);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - m);
+    sum += x[j];
+  }
+  return sum;
+}
+
+bool has_avx2() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  return yes;
+}
+
+}  // namespace
+
+float exp_shift_sum(float* x, int64_t n, float m) {
+  if (has_avx2()) return exp_shift_sum_avx2(x, n, m);
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpositive(x[j] - m);
-    x[j] = e;
-    sum += e;
+    x[j] = exp_nonpositive(x[j] - m);
+    sum += x[j];
   }
   return sum;
 }
@@ -164,10 +210,67 @@ __attribute__((always_inline)) inline void for_each_word(uint64_t seed, int64_t 
 
 }  // namespace
 
-FASTTF_CLONES void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {
+namespace {
+
+// 32-bit a * b -> (low, high) halves, eight lanes.
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i b, __m256i* lo, __m256i* hi) {
+  const __m256i even = _mm256_mul_epu32(a, b);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Philox4x32-10 of eight consecutive blocks (csrc/philox.h), eight lanes: words[4 t + w] = word w of
+// block first_block + t.
+__attribute__((target("avx2"))) void philox8(uint64_t seed, uint64_t first_block, uint32_t* words) {
+  alignas(32) uint32_t lo_words[8], hi_words[8];
+  for (int t = 0; t < 8; ++t) {
+    lo_words[t] = static_cast<uint32_t>(first_block + t);
+    hi_words[t] = static_cast<uint32_t>((first_block + t) >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round) {
+    __m256i lo0, hi0, lo1, hi1;
+    mulhilo8(m0, c0, &lo0, &hi0);
+    mulhilo8(m1, c2, &lo1, &hi1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  alignas(32) uint32_t w[4][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[0]), c0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[1]), c1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[2]), c2);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[3]), c3);
+  for (int t = 0; t < 8; ++t) {
+    words[4 * t] = w[0][t], words[4 * t + 1] = w[1][t], words[4 * t + 2] = w[2][t], words[4 * t + 3] = w[3][t];
+  }
+}
+
+}  // namespace
+
+void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {
   const uint32_t threshold = d.threshold;
   const float scale = static_cast<float>(d.scale);
-  for_each_word(d.seed, start, n, [&](int64_t j, uint32_t w) { z[j] = w >= threshold ? scale : 0.0f; });
+  if (!has_avx2()) {
+    for_each_word(d.seed, start, n, [&](int64_t j, uint32_t w) { z[j] = w >= threshold ? scale : 0.0f; });
+    return;
+  }
+  uint32_t words[32];
+  int64_t done = 0;
+  while (done < n) {
+    const int64_t index = start + done, skip = index & 3;
+    philox8(d.seed, static_cast<uint64_t>(index) >> 2, words);
+    const int64_t take = std::min<int64_t>(32 - skip, n - done);
+    for (int64_t j = 0; j < take; ++j) z[done + j] = words[skip + j] >= threshold ? scale : 0.0f;
+    done += take;
+  }
 }
 
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, double* z) {
