@@ -56,12 +56,20 @@ void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h,
     const int64_t base = b * mask.sb + h * mask.sh + i * mask.sl + j0 * mask.ss, ss = mask.ss;
     if (mask.kind == MaskView::kBool) {
       const bool* m = static_cast<const bool*>(mask.data) + base;
-      for (int64_t j = 0; j < n; ++j) row[j] = m[j * ss] ? row[j] : kNegInf;
+      if (ss == 1) {  // the common layout: a loop the compiler vectorises
+        for (int64_t j = 0; j < n; ++j) row[j] = m[j] ? row[j] : kNegInf;
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[j] = m[j * ss] ? row[j] : kNegInf;
+      }
     } else {
       switch (mask.dtype) {
         case at::kFloat: {
           const float* m = static_cast<const float*>(mask.data) + base;
-          for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j * ss]);
+          if (ss == 1) {
+            for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j]);
+          } else {
+            for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j * ss]);
+          }
           break;
         }
         case at::kDouble: {
