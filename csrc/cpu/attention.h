@@ -58,7 +58,7 @@ struct SingleThreadBlas {
 };
 
 constexpr int64_t kBlockM = 64;   // query rows per tile
-constexpr int64_t kBlockN = 128;  // keys per tile
+constexpr int64_t kBlockN = 256;  // keys per tile
 
 // The mask as its caller gave it, read through the (N, H, L, S) strides of its expanded view
 // (stride 0 along broadcast dims): never copied.
