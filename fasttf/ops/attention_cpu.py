@@ -26,6 +26,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fasttf import _extension
 
@@ -132,6 +133,7 @@ class _NativeAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second-order gradient raises instead of being silently wrong
     def backward(ctx, grad_out):
         query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
         mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
