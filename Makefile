@@ -48,7 +48,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 install: $(VENV)/.built
 
 demo: install
-	TRITON_INTERPRET=$(INTERPRET) $(PY) -m fasttf.demo --out demo_out $(ARGS)
+	$(PY) -m fasttf.demo --out demo_out $(ARGS)
 
 check: install
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m fasttf.check

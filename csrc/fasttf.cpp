@@ -20,6 +20,15 @@ TORCH_LIBRARY(fasttf, m) {
   m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_s, Tensor s, Tensor mean, Tensor rstd, "
         "Tensor? weight, bool need_dweight, bool need_dbias, float dropout_p, Tensor? seed) "
         "-> (Tensor dresidual, Tensor dx, Tensor dweight, Tensor dbias)");
+  // The CPU attention kernels (cpu/attention*.cpp); dmask is empty unless mask_requires_grad.
+  m.def("native_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, "
+        "bool is_causal, float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def("native_attention_weights(Tensor q, Tensor k, Tensor lse, Tensor? attn_mask, float dropout_p, "
+        "bool is_causal, float scale, Tensor? seed, bool average_heads) -> Tensor");
+  m.def("native_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed, Tensor? grad_weights, "
+        "bool average_heads, bool mask_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def("native_attention_keep_mask(Tensor q, Tensor k, float dropout_p, Tensor? seed) -> Tensor");
 }
 
 #define FASTTF_IMPL_OPS(ns)                                                   \
@@ -31,7 +40,13 @@ TORCH_LIBRARY(fasttf, m) {
   m.impl("add_layer_norm", &fasttf::ns::add_layer_norm);                      \
   m.impl("add_layer_norm_backward", &fasttf::ns::add_layer_norm_backward);
 
-TORCH_LIBRARY_IMPL(fasttf, CPU, m) { FASTTF_IMPL_OPS(cpu) }
+TORCH_LIBRARY_IMPL(fasttf, CPU, m) {
+  FASTTF_IMPL_OPS(cpu)
+  m.impl("native_attention_forward", &fasttf::cpu::native_attention_forward);
+  m.impl("native_attention_weights", &fasttf::cpu::native_attention_weights);
+  m.impl("native_attention_backward", &fasttf::cpu::native_attention_backward);
+  m.impl("native_attention_keep_mask", &fasttf::cpu::native_attention_keep_mask);
+}
 
 #ifdef FASTTF_WITH_CUDA
 TORCH_LIBRARY_IMPL(fasttf, CUDA, m) { FASTTF_IMPL_OPS(cuda) }

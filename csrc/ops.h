@@ -26,6 +26,23 @@ using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 namespace cpu {
 FASTTF_DECLARE_OPS
+
+// fasttf's flash-style attention on the CPU (cpu/attention*.cpp): the kernels behind
+// fasttf::attention_forward/_weights/_backward for CPU tensors (fasttf/ops/attention_cpu.py).
+std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const OptTensor& attn_mask,
+                                                            double dropout_p, bool is_causal, double scale,
+                                                            const OptTensor& seed);
+at::Tensor native_attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                    const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
+                                    const OptTensor& seed, bool average_heads);
+Tensor4 native_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                  const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
+                                  const OptTensor& seed, const OptTensor& grad_weights, bool average_heads,
+                                  bool mask_requires_grad);
+at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, double dropout_p,
+                                      const OptTensor& seed);
 }  // namespace cpu
 
 #ifdef FASTTF_WITH_CUDA

@@ -5,8 +5,9 @@
 
 Trains `fasttf.models.Transformer` on the corpus shipped in fasttf/data/en_es.tsv (the notes'
 "let's go" -> "vamos" and "to go" -> "ir", plus a few hundred template sentences), on the GPU if
-there is one, else on the CPU (where the Triton attention kernel runs under the Triton
-interpreter). Then it prints the translations of "let's go" and of held-out sentences, compares
+there is one, else on the CPU (where fasttf's C++ kernels run: attention, positional encoding,
+add+LayerNorm; FASTTF_CPU_ATTENTION=triton runs the Triton attention kernel under the interpreter
+instead). Then it prints the translations of "let's go" and of held-out sentences, compares
 the same weights on backend="torch" (largest logit difference, time of a training step), writes
 PNG figures (positional encoding, attention weights of every head for "let's go") and a
 checkpoint to --out, and exits non-zero if "let's go" does not translate to "vamos".
@@ -22,8 +23,8 @@ import time
 import torch
 
 COMMAND = [sys.executable, "-m", "fasttf.demo"]
-DEFAULTS = {"cpu": dict(d_model=32, heads=1, layers=1, ffn=64, steps=80, batch_size=8),
-            "cuda": dict(d_model=64, heads=2, layers=2, ffn=128, steps=400, batch_size=64)}
+DEFAULTS = {"cpu": dict(d_model=64, heads=4, layers=2, ffn=128, steps=200, batch_size=64, dropout=0.1, threads=1),
+            "cuda": dict(d_model=64, heads=2, layers=2, ffn=128, steps=400, batch_size=64, dropout=0.0, threads=0)}
 NOTES_PAIRS = [("let's go", "vamos"), ("to go", "ir")]  # in every training batch
 
 
@@ -34,24 +35,28 @@ def parse_args(argv=None):
                     "corpus, translate \"let's go\" and held-out sentences, compare backend fasttf with "
                     "backend torch, and write figures. Exits 1 if \"let's go\" is not translated to \"vamos\".")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to train (default: the GPU if there is one); on the CPU the Triton "
-                             "attention kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set "
-                             "by the demo itself when missing)")
+                        help="where to train (default: the GPU if there is one); on the CPU fasttf's C++ "
+                             "kernels run (FASTTF_CPU_ATTENTION=triton: the Triton attention kernel under the "
+                             "Triton interpreter, TRITON_INTERPRET=1 set by the demo itself when missing)")
     parser.add_argument("--backend", choices=["fasttf", "torch"], default="fasttf",
-                        help="fasttf: Triton attention + C++/CUDA positional encoding and add+LayerNorm; "
+                        help="fasttf: fasttf's attention (Triton on the GPU, C++ on the CPU) + C++/CUDA "
+                             "positional encoding and add+LayerNorm; "
                              "torch: plain PyTorch (nn.MultiheadAttention, eager ops) (default: fasttf)")
     size = parser.add_argument_group(
         "model size and training (defaults: first value on the CPU, second on the GPU; the CPU ones keep "
-        "the whole demo near 2 minutes on 2 cores, the Triton interpreter being slow)")
-    size.add_argument("--d-model", type=int, help="values per word (the notes' toy: 2) [32 | 64]")
-    size.add_argument("--heads", type=int, help="attention heads (the notes' toy: 1) [1 | 2]")
-    size.add_argument("--layers", type=int, help="encoder layers and decoder layers, each [1 | 2]")
-    size.add_argument("--ffn", type=int, help="hidden width of the feed-forward [64 | 128]")
-    size.add_argument("--dropout", type=float, default=0.0, help="dropout probability (default: 0)")
+        "the whole demo within about 2 minutes on 2 cores)")
+    size.add_argument("--d-model", type=int, help="values per word (the notes' toy: 2) [64 | 64]")
+    size.add_argument("--heads", type=int, help="attention heads (the notes' toy: 1) [4 | 2]")
+    size.add_argument("--layers", type=int, help="encoder layers and decoder layers, each [2 | 2]")
+    size.add_argument("--ffn", type=int, help="hidden width of the feed-forward [128 | 128]")
+    size.add_argument("--dropout", type=float, help="dropout probability [0.1 | 0]")
     size.add_argument("--pre-ln", action="store_true", help="pre-LN (x + f(LN(x))) instead of the paper's post-LN")
-    size.add_argument("--steps", type=int, help="optimizer steps [80 | 400]")
-    size.add_argument("--batch-size", type=int, help="sentence pairs per step and process [8 | 64]")
+    size.add_argument("--steps", type=int, help="optimizer steps [200 | 400]")
+    size.add_argument("--batch-size", type=int, help="sentence pairs per step and process [64 | 64]")
     size.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of Adam, warm-up then cosine decay (default: 0.01)")
+    size.add_argument("--threads", type=int,
+                      help="torch CPU threads [1 | torch's default]: this model's ops are too small to split, "
+                           "and on a busy machine threads mostly wait for each other")
     size.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")
     parser.add_argument("--out", default="demo_out", help="folder for the figures and the checkpoint (default: demo_out)")
     parser.add_argument("--ddp", action="store_true",
@@ -66,6 +71,8 @@ def parse_args(argv=None):
     for name in ("d_model", "heads", "layers", "ffn", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be at least 0 (0: torch's default)")
     if args.steps < 0:
         parser.error("--steps must be at least 0")
     if args.d_model % args.heads:
@@ -75,9 +82,14 @@ def parse_args(argv=None):
     return args
 
 
+def triton_on_cpu(args) -> bool:
+    """On the CPU the C++ attention kernel runs unless FASTTF_CPU_ATTENTION=triton asks for the Triton one."""
+    return args.device == "cpu" and os.environ.get("FASTTF_CPU_ATTENTION", "").strip().lower() == "triton"
+
+
 def needs_interpreter(args) -> bool:
-    """On the CPU, fasttf's Triton kernel needs TRITON_INTERPRET=1 set before triton is imported."""
-    return args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """The Triton kernel on the CPU needs TRITON_INTERPRET=1 set before triton is imported."""
+    return triton_on_cpu(args) and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +210,8 @@ def main(argv=None) -> int:
         return 2
     if needs_interpreter(args) and "triton" in sys.modules:
         if argv is not None:  # called as a function: never replace the caller's process
-            print("fasttf.demo: --device cpu needs TRITON_INTERPRET=1 set before triton is imported",
+            print("fasttf.demo: FASTTF_CPU_ATTENTION=triton with --device cpu needs TRITON_INTERPRET=1 set "
+                  "before triton is imported",
                   file=sys.stderr)
             return 2
         # Triton was imported without the interpreter: start again with it (same pid under torchrun).
@@ -217,6 +230,8 @@ def main(argv=None) -> int:
     from fasttf.models import Transformer
     from fasttf.models.tokenizer import Vocab, encode_pairs, read_pairs
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world_size, local_rank = 0, 1, 0
     if args.ddp:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -233,7 +248,8 @@ def main(argv=None) -> int:
     train_pairs, test_pairs = read_pairs(split="train"), read_pairs(split="test")
     source_vocab = Vocab.build(english for english, _ in train_pairs)
     target_vocab = Vocab.build(spanish for _, spanish in train_pairs)
-    where = f"{device}" + (" (Triton interpreter)" if args.device == "cpu" and args.backend == "fasttf" else "")
+    kernels = "Triton interpreter" if triton_on_cpu(args) else "C++ kernels"
+    where = f"{device}" + (f" ({kernels})" if args.device == "cpu" and args.backend == "fasttf" else "")
     log(rank, f"fasttf {fasttf.__version__} demo: backend={args.backend} on {where}, torch {torch.__version__}"
               + (f", DDP over {world_size} processes" if args.ddp else ""))
     log(rank, f"corpus: {len(train_pairs)} training pairs, {len(test_pairs)} held out; vocabularies "
@@ -245,7 +261,7 @@ def main(argv=None) -> int:
                         dropout=args.dropout, norm_first=args.pre_ln, max_len=32, backend=args.backend,
                         pad_id=source_vocab.pad_id, eos_id=source_vocab.eos_id).to(device)
     log(rank, f"model: d_model={args.d_model}, heads={args.heads}, layers={args.layers}+{args.layers}, "
-              f"ffn={args.ffn}, {'pre' if args.pre_ln else 'post'}-LN, "
+              f"ffn={args.ffn}, dropout {args.dropout:g}, {'pre' if args.pre_ln else 'post'}-LN, "
               f"{sum(p.numel() for p in model.parameters())} parameters; {args.steps} steps of "
               f"{args.batch_size} pairs")
     trained = DistributedDataParallel(model, device_ids=[gpu] if args.device == "cuda" else None) \
@@ -290,7 +306,8 @@ def main(argv=None) -> int:
     # The same weights on the other backend
     batch = tuple(t.to(device) for t in encode_pairs(test_pairs[:args.batch_size], source_vocab, target_vocab))
     other = "torch" if args.backend == "fasttf" else "fasttf"
-    print(f"\nsame weights, backend {args.backend} vs {other} on {len(batch[0])} held-out pairs:")
+    print(f"\nsame weights, backend {args.backend} vs {other} on {len(batch[0])} held-out pairs "
+          f"(training step with dropout {args.dropout:g}):")
     try:
         difference, (loss, other_loss), times = compare_backends(model, batch)
     except NotImplementedError as error:  # an op of this build is missing
@@ -298,8 +315,8 @@ def main(argv=None) -> int:
     else:
         print(f"  largest logit difference: {difference:.3g}   (loss {loss:.6f} vs {other_loss:.6f})")
         print(f"  training step: {args.backend} {times[args.backend] * 1e3:.1f} ms, {other} "
-              f"{times[other] * 1e3:.1f} ms" + ("   (on the CPU fasttf's attention runs under the Triton "
-                                                  "interpreter: slow by design)" if args.device == "cpu" else ""))
+              f"{times[other] * 1e3:.1f} ms" + ("   (fasttf's attention runs under the Triton interpreter: "
+                                                  "slow by design)" if triton_on_cpu(args) else ""))
 
     # Figures and checkpoint
     if not args.no_figures:

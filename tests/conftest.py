@@ -32,8 +32,9 @@ def devices():
 
 # The attention kernels that fasttf.scaled_dot_product_attention can run here, each selected for a
 # test by the attention_backend fixture through FASTTF_CPU_ATTENTION (read at call time by
-# fasttf.ops.attention): "triton" is the Triton kernel (CUDA, or the CPU under the interpreter).
-ATTENTION_BACKENDS = ["triton"]
+# fasttf.ops.attention): "triton" is the Triton kernel (CUDA, or the CPU under the interpreter),
+# "native" fasttf's C++ CPU kernel (where the tests run on the CPU).
+ATTENTION_BACKENDS = ["triton"] + (["native"] if not (GPU and not INTERPRET) else [])
 
 
 @pytest.fixture(params=ATTENTION_BACKENDS)

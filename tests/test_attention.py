@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fasttf
@@ -32,6 +32,11 @@ pytestmark = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_availabl
 # the CPU runs the kernels only under the interpreter (float32: numpy has no bfloat16 tl.dot)
 DEVICE_DTYPES = ([("cpu", torch.float32)] if kernels.INTERPRET else []) + \
     [("cuda", dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32) if "cuda" in devices()]
+
+
+def use_triton_kernel(monkeypatch):
+    """The Triton kernel for this test (it checks what the Triton launcher saw, or its fallbacks)."""
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton")
 
 
 def make_inputs(batch, heads, length_q, length_k, head_dim, value_dim=None, heads_kv=None, device=None,
@@ -113,7 +118,7 @@ SHAPES = [  # (N, H, L, S, E, Ev)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_shapes_against_reference(shape, is_causal, device, dtype):
+def test_shapes_against_reference(shape, is_causal, device, dtype, attention_backend):
     batch, heads, length_q, length_k, head_dim, value_dim = shape
     query, key, value = make_inputs(batch, heads, length_q, length_k, head_dim, value_dim, device=device,
                                     dtype=dtype)
@@ -121,7 +126,7 @@ def test_shapes_against_reference(shape, is_causal, device, dtype):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_inputs_without_batch_dim(is_causal):
+def test_inputs_without_batch_dim(is_causal, attention_backend):
     query, key, value = make_inputs(None, 3, 19, 23, 8)
     out, _ = check_against_reference(query, key, value, is_causal=is_causal)
     assert out.shape == (3, 19, 8)
@@ -129,13 +134,13 @@ def test_inputs_without_batch_dim(is_causal):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_half_precision(dtype, is_causal):
+def test_half_precision(dtype, is_causal, attention_backend):
     query, key, value = make_inputs(2, 2, 20, 25, 16, dtype=dtype)
     check_against_reference(query, key, value, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_with_masks_and_gqa(dtype):
+def test_half_precision_with_masks_and_gqa(dtype, attention_backend):
     query, key, value = make_inputs(1, 4, 19, 33, 24, 8, heads_kv=2, dtype=dtype)
     generator = torch.Generator().manual_seed(5)
     float_mask = torch.randn(1, 4, 1, 33, generator=generator).to(dtype)
@@ -144,7 +149,7 @@ def test_half_precision_with_masks_and_gqa(dtype):
                             is_causal=True, enable_gqa=True)
 
 
-def test_scale():
+def test_scale(attention_backend):
     query, key, value = make_inputs(1, 2, 17, 18, 8)
     check_against_reference(query, key, value, scale=0.9)
     check_against_reference(query, key, value, scale=0.05, is_causal=True)
@@ -159,7 +164,7 @@ MASK_SHAPES = [(19, 23), (23,), (1, 23), (2, 1, 1, 23), (3, 19, 1), (2, 3, 19, 2
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_masks_broadcast(mask_shape, kind, is_causal):
+def test_masks_broadcast(mask_shape, kind, is_causal, attention_backend):
     query, key, value = make_inputs(2, 3, 19, 23, 8)
     generator = torch.Generator().manual_seed(7)
     if kind == "bool":
@@ -171,6 +176,7 @@ def test_masks_broadcast(mask_shape, kind, is_causal):
 
 def test_mask_is_read_through_broadcast_strides_not_copied(monkeypatch):
     """The kernel gets a stride-0 view of the caller's mask: same storage, nothing expanded."""
+    use_triton_kernel(monkeypatch)
     query, key, value = make_inputs(2, 3, 19, 23, 8)
     mask = torch.randn(1, 1, 19, 23)
     seen = {}
@@ -189,7 +195,7 @@ def test_mask_is_read_through_broadcast_strides_not_copied(monkeypatch):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_fully_masked_rows_give_zero_output_and_zero_grads(kind, is_causal):
+def test_fully_masked_rows_give_zero_output_and_zero_grads(kind, is_causal, attention_backend):
     query, key, value = make_inputs(1, 2, 20, 21, 8)
     allowed = torch.rand(20, 21, generator=torch.Generator().manual_seed(3)) > 0.5
     allowed[[0, 5, 17]] = False  # rows with no key at all, in the first and the second block
@@ -202,7 +208,7 @@ def test_fully_masked_rows_give_zero_output_and_zero_grads(kind, is_causal):
         assert not torch.isnan(tensor).any()
 
 
-def test_causal_with_mask_that_empties_a_whole_block_of_rows():
+def test_causal_with_mask_that_empties_a_whole_block_of_rows(attention_backend):
     query, key, value = make_inputs(1, 1, 40, 40, 16)
     mask = torch.ones(40, 40, dtype=torch.bool)
     mask[16:32, :] = False  # one whole query block masked: lse = +inf for all its rows
@@ -215,6 +221,7 @@ def test_causal_with_mask_that_empties_a_whole_block_of_rows():
 
 
 def test_non_contiguous_views_as_multihead_attention_makes(monkeypatch):
+    use_triton_kernel(monkeypatch)
     batch, length, heads, head_dim = 2, 21, 3, 8
     generator = torch.Generator().manual_seed(0)
     packed = torch.randn(length, batch, 3 * heads * head_dim, generator=generator)  # (L, N, 3 D) in-projection
@@ -239,20 +246,21 @@ def test_non_contiguous_views_as_multihead_attention_makes(monkeypatch):
 
 @pytest.mark.parametrize("heads,heads_kv", [(4, 2), (6, 1), (3, 3)])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_grouped_query_attention(heads, heads_kv, is_causal):
+def test_grouped_query_attention(heads, heads_kv, is_causal, attention_backend):
     query, key, value = make_inputs(2, heads, 18, 35, 16, 8, heads_kv=heads_kv)
     mask = torch.rand(2, heads, 18, 35, generator=torch.Generator().manual_seed(2)) > 0.2
     check_against_reference(query, key, value, is_causal=is_causal, enable_gqa=True)
     check_against_reference(query, key, value, attn_mask=mask, enable_gqa=True)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only sets the kernel
 @given(batch=st.integers(1, 2), heads_kv=st.integers(1, 2), group=st.integers(1, 2),
        length_q=st.integers(1, 40), length_k=st.integers(1, 40), head_dim=st.sampled_from([1, 8, 16, 24, 64]),
        value_dim=st.sampled_from([4, 16, 33]), is_causal=st.booleans(),
        mask=st.sampled_from(["none", "bool", "float"]), transpose=st.booleans())
 def test_random_configurations(batch, heads_kv, group, length_q, length_k, head_dim, value_dim, is_causal, mask,
-                               transpose):
+                               transpose, attention_backend):
     heads = heads_kv * group
     query, key, value = make_inputs(batch, heads, length_q, length_k, head_dim, value_dim, heads_kv=heads_kv)
     if transpose:  # the same values stored (N, L, H, E): strided views
@@ -279,7 +287,7 @@ def kernel_keep_mask(query, key, dropout_p, torch_seed):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_dropout_replays_in_the_reference(is_causal):
+def test_dropout_replays_in_the_reference(is_causal, attention_backend):
     query, key, value = make_inputs(2, 2, 19, 37, 8, 16, heads_kv=1)
     dropout_p = 0.3
     keep = kernel_keep_mask(query, key, dropout_p, torch_seed=11)
@@ -291,7 +299,7 @@ def test_dropout_replays_in_the_reference(is_causal):
                                                                 is_causal=is_causal, enable_gqa=True))
 
 
-def test_dropout_without_batch_dim_replays():
+def test_dropout_without_batch_dim_replays(attention_backend):
     query, key, value = make_inputs(None, 2, 17, 18, 8)
     keep = kernel_keep_mask(query, key, 0.5, torch_seed=3)
     assert keep.shape == (2, 17, 18)
@@ -300,7 +308,7 @@ def test_dropout_without_batch_dim_replays():
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
-def test_dropout_keeps_the_right_fraction(dropout_p):
+def test_dropout_keeps_the_right_fraction(dropout_p, attention_backend):
     query, key, _ = make_inputs(2, 4, 64, 64, 1)
     keep = kernel_keep_mask(query, key, dropout_p, torch_seed=int(dropout_p * 100))
     count = keep.numel()
@@ -312,7 +320,7 @@ def test_dropout_keeps_the_right_fraction(dropout_p):
         assert (means - (1 - dropout_p)).abs().max().item() < 6 * row_sigma
 
 
-def test_dropout_repeats_under_manual_seed_and_changes_without():
+def test_dropout_repeats_under_manual_seed_and_changes_without(attention_backend):
     query, key, value = make_inputs(1, 2, 20, 20, 8)
     first = run_with_dropout(query, key, value, 0.4, torch_seed=5)
     again = run_with_dropout(query, key, value, 0.4, torch_seed=5)
@@ -322,7 +330,7 @@ def test_dropout_repeats_under_manual_seed_and_changes_without():
     assert not torch.equal(kernel_keep_mask(query, key, 0.4, 5), kernel_keep_mask(query, key, 0.4, 6))
 
 
-def test_dropout_one_drops_everything():
+def test_dropout_one_drops_everything(attention_backend):
     query, key, value = make_inputs(1, 1, 5, 6, 8)
     out = run_with_dropout(query, key, value, 1.0, torch_seed=0)
     assert torch.equal(out, torch.zeros_like(out))
@@ -332,13 +340,15 @@ def test_dropout_one_drops_everything():
 # Where it runs: strict mode proves the kernel ran; other dtypes and head dims fall back
 
 
-def test_float64_falls_back_to_the_reference():
+def test_float64_falls_back_to_the_reference(monkeypatch):
+    use_triton_kernel(monkeypatch)
     query, key, value = make_inputs(1, 2, 5, 6, 8, dtype=torch.float64)
     with pytest.raises(FallbackError, match="dtype"):
         fasttf.scaled_dot_product_attention(query, key, value)
 
 
 def test_float64_without_strict_matches_reference(monkeypatch):
+    use_triton_kernel(monkeypatch)
     monkeypatch.delenv("FASTTF_STRICT")
     monkeypatch.setattr(fallback, "_warned", set())  # each warning once per process: reset
     query, key, value = make_inputs(1, 2, 5, 6, 8, dtype=torch.float64)
@@ -347,20 +357,18 @@ def test_float64_without_strict_matches_reference(monkeypatch):
     torch.testing.assert_close(out, reference.scaled_dot_product_attention(query, key, value, is_causal=True))
 
 
-def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
+def test_cpu_triton_without_interpreter_raises(monkeypatch):
+    """FASTTF_CPU_ATTENTION=triton on CPU tensors needs the interpreter: a clear error, no silent fallback."""
+    use_triton_kernel(monkeypatch)
     monkeypatch.setattr(kernels, "INTERPRET", False)
-    query, key, value = make_inputs(1, 2, 5, 6, 8, device="cpu")
-    with pytest.raises(FallbackError, match="TRITON_INTERPRET"):
-        fasttf.scaled_dot_product_attention(query, key, value)
     monkeypatch.delenv("FASTTF_STRICT")
-    monkeypatch.setattr(fallback, "_warned", set())  # each warning once per process: reset
-    with pytest.warns(UserWarning, match="TRITON_INTERPRET"):
-        out = fasttf.scaled_dot_product_attention(query, key, value,
-                                                  attn_mask=torch.ones(6, dtype=torch.bool, device="cpu"))
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(query, key, value))
+    query, key, value = make_inputs(1, 2, 5, 6, 8, device="cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fasttf.scaled_dot_product_attention(query, key, value)
 
 
-def test_head_dim_above_256_falls_back():
+def test_head_dim_above_256_falls_back(monkeypatch):
+    use_triton_kernel(monkeypatch)
     query, key, value = make_inputs(1, 1, 3, 4, 300)
     with pytest.raises(FallbackError, match="head dim"):
         fasttf.scaled_dot_product_attention(query, key, value)
@@ -430,14 +438,14 @@ def op_arguments():
 
 
 @pytest.mark.parametrize("index", range(3))
-def test_opcheck_forward(index):
+def test_opcheck_forward(index, attention_backend):
     arguments = op_arguments()[index]
     arguments = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.dtype == torch.float32
                       and a.dim() == 4 else a for a in arguments)
     torch.library.opcheck(torch.ops.fasttf.attention_forward.default, arguments)
 
 
-def test_opcheck_backward():
+def test_opcheck_backward(attention_backend):
     query, key, value, mask, dropout_p, is_causal, scale, seed = op_arguments()[1]
     out, lse = torch.ops.fasttf.attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed)
     torch.library.opcheck(torch.ops.fasttf.attention_backward.default,
@@ -446,7 +454,7 @@ def test_opcheck_backward():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, attention_backend):
     query, key, value = make_inputs(2, 2, 17, 20, 8)
     mask = torch.rand(17, 20, generator=torch.Generator().manual_seed(0)) > 0.2
 
@@ -457,7 +465,7 @@ def test_torch_compile_fullgraph(backend):
     check_against_reference(query, key, value, attn_mask=mask, is_causal=True, run=compiled)
 
 
-def test_torch_compile_with_dropout_replays():
+def test_torch_compile_with_dropout_replays(attention_backend):
     query, key, value = make_inputs(1, 2, 17, 20, 8)
 
     def attend(q, k, v):

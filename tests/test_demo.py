@@ -9,8 +9,9 @@ from fasttf import demo
 
 from conftest import kernel_device
 
-DEVICE = kernel_device()  # the GPU where there is one (no interpreter), else the CPU under the interpreter
-TINY = ["--device", DEVICE, "--d-model", "8", "--heads", "1", "--ffn", "8", "--steps", "4", "--batch-size", "4"]
+DEVICE = kernel_device()  # the GPU where there is one (no interpreter), else the CPU (fasttf's C++ kernels)
+TINY = ["--device", DEVICE, "--d-model", "8", "--heads", "2", "--layers", "1", "--ffn", "8", "--steps", "4",
+        "--batch-size", "4", "--dropout", "0.1", "--threads", "0"]
 
 
 def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(tmp_path, capsys):
@@ -19,8 +20,9 @@ def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(
     assert code in (0, 1)  # 1 when four steps did not teach "let's go" -> "vamos"
     assert re.search(r"step\s+4/4 loss", output), output
     assert re.search(r"let's go\s+-> ", output) and "held-out sentences translated exactly" in output
-    where = "cpu (Triton interpreter)" if DEVICE == "cpu" else "cuda:0"
+    where = "cpu (C++ kernels)" if DEVICE == "cpu" else "cuda:0"
     assert f"backend=fasttf on {where}" in output, output
+    assert "training step with dropout 0.1" in output, output
     difference = float(re.search(r"largest logit difference: (\S+)", output).group(1))
     assert difference < 1e-4, output  # float32 logits of size ~1, same weights: rounding only
     assert re.search(r"training step: fasttf [\d.]+ ms, torch [\d.]+ ms", output), output
@@ -54,9 +56,11 @@ def test_ddp_without_torchrun_says_how_to_start_it(capsys, monkeypatch):
 
 
 def test_called_as_a_function_it_never_replaces_the_process(capsys, monkeypatch):
-    """Run as a program, the demo restarts itself with TRITON_INTERPRET=1 for --device cpu; called
-    as demo.main(argv) after triton was imported without the interpreter, it says so instead."""
+    """Run as a program, the demo restarts itself with TRITON_INTERPRET=1 for the Triton kernel on
+    the CPU (FASTTF_CPU_ATTENTION=triton); called as demo.main(argv) after triton was imported
+    without the interpreter, it says so instead."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton")
     assert "triton" in sys.modules
     assert demo.main(["--device", "cpu", "--steps", "0"]) == 2
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -16,10 +16,10 @@ the ops themselves are deterministic, which keeps torch.compile and opcheck happ
 is deterministic too (no atomics): the same inputs give bit-identical gradients. Second-order
 gradients raise `SecondOrderError`, naming the op and what to use instead.
 
-Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton
-interpreter when TRITON_INTERPRET=1 was set before triton was imported, else torch's SDPA (after
-`fall_back`). float16, bfloat16 and float32 run the kernels; other dtypes run fasttf.reference
-(after `fall_back`).
+Where it runs: CUDA tensors run the Triton kernels (float16, bfloat16, float32; other dtypes run
+fasttf.reference after `fall_back`). CPU tensors run fasttf's C++ kernel (fasttf/ops/attention_cpu.py,
+every float dtype) unless FASTTF_CPU_ATTENTION=triton, which runs the Triton kernels under the
+interpreter (TRITON_INTERPRET=1 set before triton is imported; else a clear error).
 """
 
 import math
@@ -31,6 +31,7 @@ from fasttf import reference
 from fasttf._checks import SecondOrderError, check_same_device, check_tensor, no_second_order  # noqa: F401
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
+from fasttf.ops import attention_cpu as _cpu  # the C++ CPU kernel and FASTTF_CPU_ATTENTION
 
 OP = "scaled_dot_product_attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -57,6 +58,8 @@ def _require_kernel_device(tensor: Tensor) -> None:
 @torch.library.custom_op("fasttf::attention_forward", mutates_args=())
 def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
                       is_causal: bool, scale: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        return _cpu.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
     _require_kernel_device(query)
     return _kernels.attention_forward(query, key, value, _expanded_mask(attn_mask, query, key), dropout_p,
                                       is_causal, scale, seed)
@@ -66,7 +69,8 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tens
 def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     batch, heads, length_q, _ = query.shape
     out = query.new_empty((batch, heads, length_q, value.size(3)))
-    lse = query.new_empty((batch, heads, length_q), dtype=torch.float32)
+    lse = query.new_empty((batch, heads, length_q), dtype=torch.float64 if query.dtype == torch.float64 else
+                          torch.float32)
     return out, lse
 
 
@@ -80,6 +84,10 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
                        attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
                        seed: Tensor | None, grad_weights: Tensor | None, average_heads: bool,
                        mask_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel: dmask empty unless asked for, as below
+        return _cpu.native_ops().native_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                                           dropout_p, is_causal, scale, seed, grad_weights,
+                                                           average_heads, mask_requires_grad)
     _require_kernel_device(query)
     if grad_weights is not None and grad_weights.dim() != (3 if average_heads else 4):
         raise RuntimeError(f"torch.ops.fasttf.attention_backward: grad_weights of shape {tuple(grad_weights.shape)} "
@@ -109,6 +117,8 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, d
 @torch.library.custom_op("fasttf::attention_weights", mutates_args=())
 def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Tensor | None, dropout_p: float,
                       is_causal: bool, scale: float, seed: Tensor | None, average_heads: bool) -> Tensor:
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        return _cpu.attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
     _require_kernel_device(query)
     return _kernels.attention_weights(query, key, lse, _expanded_mask(attn_mask, query, key), dropout_p, is_causal,
                                       scale, seed, average_heads)
@@ -191,6 +201,10 @@ def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor
     `seed`: `reference.scaled_dot_product_attention(..., dropout_mask=mask)` replays it."""
     heads, length_q, length_k = query.size(-3), query.size(-2), key.size(-2)
     batch = query.size(0) if query.dim() == 4 else 1
+    if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
+        keep = _cpu.dropout_keep_mask(query if query.dim() == 4 else query.unsqueeze(0),
+                                      key if key.dim() == 4 else key.unsqueeze(0), dropout_p, seed)
+        return keep if query.dim() == 4 else keep[0]
     _require_kernel_device(query)
     keep = _kernels.dropout_keep_mask(batch, heads, length_q, length_k, dropout_p, seed.to(query.device),
                                       query.device)
@@ -249,12 +263,20 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa):
         raise RuntimeError(f"fasttf.{OP}: expected dropout_p between 0 and 1, got {dropout_p}")
 
 
-def _fallback_reason(query: Tensor) -> str | None:
+def _fallback_reason(query: Tensor, value: Tensor) -> str | None:
+    """Why this call cannot run a fasttf kernel, or None."""
+    if _cpu.runs_native(query):  # the C++ CPU kernel takes every float dtype and head dim
+        return None
+    if query.device.type == "cpu":
+        _cpu.require_interpreter(_kernels.INTERPRET)  # FASTTF_CPU_ATTENTION=triton without the interpreter
     if query.dtype not in KERNEL_DTYPES:
         return f"dtype {query.dtype} is not one of float16, bfloat16, float32"
     if query.device.type != "cuda" and not _kernels.INTERPRET:
         return (f"the Triton kernels need a CUDA tensor (got {query.device}) or TRITON_INTERPRET=1 "
                 f"set before triton is imported")
+    head_dim = max(query.size(-1), value.size(-1))
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_HEAD_DIM}"
     return None
 
 
@@ -290,10 +312,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
-    head_dim = max(query.size(-1), value.size(-1))
-    reason = _fallback_reason(query)
-    if reason is None and head_dim > MAX_HEAD_DIM:
-        reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    reason = _fallback_reason(query, value)
     if reason is not None:
         fall_back(OP, reason)
         return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -341,10 +360,7 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
         raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
-    head_dim = max(query.size(-1), value.size(-1))
-    reason = _fallback_reason(query)
-    if reason is None and head_dim > MAX_HEAD_DIM:
-        reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    reason = _fallback_reason(query, value)
     if reason is not None:
         fall_back(OP, reason)
         return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)

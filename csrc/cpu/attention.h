@@ -1,0 +1,143 @@
+// fasttf's flash-style attention on the CPU: the shared view of the inputs and the helpers the
+// forward, backward and weights kernels use.
+//
+// The math, once (per batch b, head h, query row i, key j; g(h) = h / (H / Hkv) is the key/value
+// head of a query head under grouped-query attention):
+//
+//   s_ij  = scale * q_i . k_j + bias_ij        bias: the float mask, or 0 / -inf for a bool mask;
+//                                              -inf where is_causal and j > i (top-left aligned)
+//   lse_i = log sum_j exp(s_ij)               (+inf for a row with every key masked)
+//   p_ij  = exp(s_ij - lse_i)                 (0 for such a row: output 0, gradients 0)
+//   z_ij  = keep_ij / (1 - p_drop)            keep_ij = Philox(seed, ((b H + h) L + i) S + j) >= p_drop
+//   o_i   = sum_j p_ij z_ij v_j
+//
+//   backward, with W = p z (the weights the attention returns) and dW their incoming gradient:
+//   dP'_ij = dO_i . v_j + dW_ij               (the gradient of p_ij z_ij)
+//   dp_ij  = dP'_ij z_ij
+//   D_i    = sum_j p_ij dp_ij = dO_i . o_i + sum_j W_ij dW_ij
+//   ds_ij  = p_ij (dp_ij - D_i)               (= d bias_ij: the float mask's gradient)
+//   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij z_ij dO_i
+//
+// The forward streams key blocks with an online softmax (running max m and sum l per row, the
+// output rescaled by exp(m_old - m_new)), saves lse = m + log l, and never holds more than one
+// (query block x key block) tile of scores. The backward recomputes p from lse tile by tile.
+// Block products run on the BLAS (at::native::cpublas::gemm: MKL here), the row passes in
+// attention_rows.cpp (omp simd, compiled per x86 level).
+#pragma once
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <limits>
+
+// The Fortran BLAS that libtorch_cpu exports (MKL in torch's x86 builds), and MKL's per-thread
+// thread count: tiles are multiplied on the calling thread only, so results never depend on how
+// many threads MKL would have used.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // MKL only
+}
+
+namespace fasttf {
+namespace cpu {
+namespace attention {
+
+// For the life of a task: the BLAS on this thread alone.
+struct SingleThreadBlas {
+  int previous = 0;
+  SingleThreadBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+constexpr int64_t kBlockM = 64;   // query rows per tile
+constexpr int64_t kBlockN = 256;  // keys per tile
+
+// The mask as its caller gave it, read through the (N, H, L, S) strides of its expanded view
+// (stride 0 along broadcast dims): never copied.
+struct MaskView {
+  enum Kind { kNone, kBool, kFloat } kind = kNone;
+  at::ScalarType dtype = at::kFloat;
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
+};
+
+// Dropout: z = keep ? scale : 0 from the Philox word of each element's flat (N, H, L, S) index.
+struct DropoutSpec {
+  bool on = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double scale = 1.0;
+};
+
+// q, k, v in the kernel's accumulation type (float, or double for float64 inputs), each with a
+// unit stride along its last dim; the strides are in elements.
+template <typename acc_t>
+struct Problem {
+  int64_t N, H, Hkv, group, L, S, E, Ev;
+  const acc_t *q, *k, *v;
+  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl;
+  acc_t scale;
+  bool causal;
+  MaskView mask;
+  DropoutSpec dropout;
+
+  const acc_t* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * q_sb + h * q_sh + i * q_sl; }
+  const acc_t* k_row(int64_t b, int64_t hk, int64_t j) const { return k + b * k_sb + hk * k_sh + j * k_sl; }
+  const acc_t* v_row(int64_t b, int64_t hk, int64_t j) const { return v + b * v_sb + hk * v_sh + j * v_sl; }
+  int64_t flat(int64_t b, int64_t h, int64_t i, int64_t j) const { return ((b * H + h) * L + i) * S + j; }
+  // The last key a query row of [i0, i1) may see, plus one (is_causal: keys j <= i).
+  int64_t key_end(int64_t i1) const { return causal ? std::min(S, i1) : S; }
+  // The first row of [i0, i1) that sees any key of a block starting at j0.
+  int64_t row_start(int64_t i0, int64_t j0) const { return causal ? std::max(i0, j0) : i0; }
+};
+
+// Accumulation type tensors of the inputs: float32 (float64 for float64), a unit last stride;
+// a view of the input when it already is one, else a converted copy (q, k, v are O(L E), small
+// next to the O(L S) work).
+at::Tensor as_kernel_operand(const at::Tensor& t);
+
+// The problem over operands made by as_kernel_operand (which must outlive it).
+template <typename acc_t>
+Problem<acc_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+                            double scale, const std::optional<at::Tensor>& seed);
+
+// Argument checks naming the op and the argument (RuntimeError, like torch's SDPA).
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                  const std::optional<at::Tensor>& seed);
+DropoutSpec dropout_spec(double dropout_p, const std::optional<at::Tensor>& seed);
+MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q, int64_t S);
+
+// ---- row passes (attention_rows.cpp) ----
+
+// row[j] += bias(i, j0 + j) for j < n (mask), and -inf for keys past the diagonal (causal).
+template <typename acc_t>
+void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j0,
+              bool causal);
+float row_max(const float* x, int64_t n);
+double row_max(const double* x, int64_t n);
+// x = exp(x - m) (0 where x = -inf); returns the sum.
+float exp_shift_sum(float* x, int64_t n, float m);
+double exp_shift_sum(double* x, int64_t n, double m);
+// z[j] = keep(seed, start + j) ? scale : 0.
+void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z);
+void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, double* z);
+void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep);
+
+// ---- block products: row-major C[m x n] = alpha op(A) op(B) + beta C ----
+template <typename acc_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, int64_t lda,
+          const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc);
+
+}  // namespace attention
+}  // namespace cpu
+}  // namespace fasttf

@@ -1,0 +1,244 @@
+// The CPU attention backward (math in attention.h): p recomputed tile by tile from the saved lse.
+//
+// Deterministic without atomics: one task per (batch, key/value head) owns dK and dV of that head
+// and dQ of all its query heads (the GQA group), so every sum runs in one fixed order whatever
+// the thread count:
+//
+//   for each query head h of the group, each query block i (D_i = rowsum(dO_i * O_i) first,
+//   plus rowsum(W_i * dW_i) over all keys when the weights have a gradient),
+//     for each key block j (is_causal: trimmed as in the forward)
+//       p  = exp(scale Q_i K_j^T + bias - lse_i)          (BLAS + row pass)
+//       dp = (dO_i V_j^T + dW_ij) * z                     (BLAS)
+//       dV_j += (p z)^T dO_i                              (BLAS)
+//       ds = p (dp - D_i)                                 -> the float mask's gradient
+//       dK_j += scale ds^T Q_i,  dQ_i += scale ds K_j     (BLAS)
+//
+// The mask gradient: ds of every (b, h, i, j) lands in an (N, H, L, S) buffer, then is summed over
+// the mask's broadcast dims in a fixed order (reduce_to_mask).
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "attention.h"
+
+namespace fasttf {
+namespace cpu {
+namespace attention {
+namespace {
+
+template <typename acc_t>
+struct Grads {
+  const acc_t *dout, *out, *lse;
+  int64_t do_sb, do_sh, do_sl, o_sb, o_sh, o_sl;
+  const acc_t* dw = nullptr;  // contiguous (N, H, L, S), or (N, L, S) when averaged
+  bool dw_averaged = false;
+  acc_t* dq;
+  acc_t* dk;
+  acc_t* dv;
+  acc_t* dmask_full = nullptr;  // (N, H, L, S) or null
+};
+
+template <typename acc_t>
+const acc_t* dw_row(const Problem<acc_t>& p, const Grads<acc_t>& g, int64_t b, int64_t h, int64_t i) {
+  return g.dw_averaged ? g.dw + (b * p.L + i) * p.S : g.dw + ((b * p.H + h) * p.L + i) * p.S;
+}
+
+template <typename acc_t>
+void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
+  const acc_t dw_scale = g.dw_averaged ? acc_t(1) / static_cast<acc_t>(p.H) : acc_t(1);
+  at::parallel_for(0, p.N * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas single_thread_blas;
+    std::vector<acc_t> ptile(kBlockM * kBlockN), dptile(kBlockM * kBlockN), pztile(kBlockM * kBlockN);
+    std::vector<acc_t> z(kBlockN), delta(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+      acc_t* dk = g.dk + (b * p.Hkv + hk) * p.S * p.E;
+      acc_t* dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
+      for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+        for (int64_t i0 = 0; i0 < p.L; i0 += kBlockM) {
+          const int64_t i1 = std::min(i0 + kBlockM, p.L), rows = i1 - i0, key_end = p.key_end(i1);
+          const acc_t* q_i = p.q_row(b, h, i0);
+          const acc_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
+          const acc_t* lse_i = g.lse + (b * p.H + h) * p.L + i0;
+          acc_t* dq_i = g.dq + ((b * p.H + h) * p.L + i0) * p.E;
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
+            const acc_t* d = do_i + r * g.do_sl;
+            acc_t sum = 0;
+            for (int64_t e = 0; e < p.Ev; ++e) sum += d[e] * o[e];
+            delta[r] = sum;
+          }
+          // Recomputes p (rows r0.. of the tile) for the key block at j0; returns r0.
+          auto probabilities = [&](int64_t j0, int64_t n) {
+            const int64_t r0 = p.row_start(i0, j0) - i0;
+            gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl,
+                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.data() + r0 * kBlockN, kBlockN);
+            for (int64_t r = r0; r < rows; ++r) {
+              acc_t* row = ptile.data() + r * kBlockN;
+              if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
+                std::fill(row, row + n, acc_t(0));
+                continue;
+              }
+              add_bias(row, n, p.mask, b, h, i0 + r, j0, p.causal);
+              exp_shift_sum(row, n, lse_i[r]);
+            }
+            return r0;
+          };
+          if (g.dw != nullptr) {  // D_i += sum_j W_ij dW_ij, W = p z
+            for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
+              const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+              const int64_t r0 = probabilities(j0, n);
+              for (int64_t r = r0; r < rows; ++r) {
+                const acc_t* row = ptile.data() + r * kBlockN;
+                const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
+                if (p.dropout.on) dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
+                acc_t sum = 0;
+                for (int64_t j = 0; j < n; ++j) sum += row[j] * (p.dropout.on ? z[j] : acc_t(1)) * dw[j];
+                delta[r] += sum * dw_scale;
+              }
+            }
+          }
+          for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
+            const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+            const int64_t r0 = probabilities(j0, n), m = rows - r0;
+            acc_t* dp = dptile.data() + r0 * kBlockN;
+            gemm<acc_t>(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
+                        acc_t(0), dp, kBlockN);
+            const acc_t* pz = ptile.data() + r0 * kBlockN;
+            if (p.dropout.on) pz = pztile.data() + r0 * kBlockN;
+            for (int64_t r = r0; r < rows; ++r) {
+              acc_t* pr = ptile.data() + r * kBlockN;
+              acc_t* dpr = dptile.data() + r * kBlockN;
+              if (g.dw != nullptr) {
+                const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
+                for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
+              }
+              if (p.dropout.on) {
+                acc_t* pzr = pztile.data() + r * kBlockN;
+                dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
+                for (int64_t j = 0; j < n; ++j) {
+                  pzr[j] = pr[j] * z[j];
+                  dpr[j] *= z[j];
+                }
+              }
+              const acc_t d = delta[r];
+              for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - d);
+              if (g.dmask_full != nullptr) {
+                std::copy(dpr, dpr + n, g.dmask_full + p.flat(b, h, i0 + r, j0));
+              }
+            }
+            gemm<acc_t>(true, false, n, p.Ev, m, acc_t(1), pz, kBlockN, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
+                        dv + j0 * p.Ev, p.Ev);
+            gemm<acc_t>(true, false, n, p.E, m, p.scale, dp, kBlockN, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
+                        dk + j0 * p.E, p.E);
+            gemm<acc_t>(false, false, m, p.E, n, p.scale, dp, kBlockN, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
+                        dq_i + r0 * p.E, p.E);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dmask[a, c, x, y] = sum of full[n, h, i, j] over the (n, h, i, j) that mask element broadcasts
+// to, summed in one fixed order (each output row by one task).
+template <typename acc_t>
+at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
+  const int64_t N = full.size(0), H = full.size(1), L = full.size(2), S = full.size(3);
+  int64_t ms[4] = {1, 1, 1, 1};
+  for (int64_t d = 0; d < mask.dim(); ++d) ms[4 - mask.dim() + d] = mask.size(d);
+  auto dmask = at::zeros({ms[0], ms[1], ms[2], ms[3]}, full.options());
+  const acc_t* src = full.data_ptr<acc_t>();
+  acc_t* dst = dmask.data_ptr<acc_t>();
+  at::parallel_for(0, ms[0] * ms[1] * ms[2], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t a = row / (ms[1] * ms[2]), c = (row / ms[2]) % ms[1], x = row % ms[2];
+      acc_t* out = dst + row * ms[3];
+      for (int64_t n = (ms[0] == 1 ? 0 : a); n < (ms[0] == 1 ? N : a + 1); ++n)
+        for (int64_t h = (ms[1] == 1 ? 0 : c); h < (ms[1] == 1 ? H : c + 1); ++h)
+          for (int64_t i = (ms[2] == 1 ? 0 : x); i < (ms[2] == 1 ? L : x + 1); ++i) {
+            const acc_t* in = src + ((n * H + h) * L + i) * S;
+            if (ms[3] == S) {
+              for (int64_t j = 0; j < S; ++j) out[j] += in[j];
+            } else {
+              acc_t sum = 0;
+              for (int64_t j = 0; j < S; ++j) sum += in[j];
+              out[0] += sum;
+            }
+          }
+    }
+  });
+  return dmask.view(mask.sizes());
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
+    const OptTensor& seed, const OptTensor& grad_weights, bool average_heads, bool mask_requires_grad) {
+  const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
+  const auto doa = as_kernel_operand(grad_out), oa = as_kernel_operand(out);
+  const auto lsea = lse.to(qa.scalar_type()).contiguous();
+  const auto problem = make_problem<acc_t>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed);
+  auto dq = at::zeros({q.size(0), q.size(1), q.size(2), q.size(3)}, qa.options());
+  auto dk = at::zeros({k.size(0), k.size(1), k.size(2), k.size(3)}, qa.options());
+  auto dv = at::zeros({v.size(0), v.size(1), v.size(2), v.size(3)}, qa.options());
+  Grads<acc_t> g;
+  g.dout = doa.data_ptr<acc_t>(), g.out = oa.data_ptr<acc_t>(), g.lse = lsea.data_ptr<acc_t>();
+  g.do_sb = doa.stride(0), g.do_sh = doa.stride(1), g.do_sl = doa.stride(2);
+  g.o_sb = oa.stride(0), g.o_sh = oa.stride(1), g.o_sl = oa.stride(2);
+  g.dq = dq.data_ptr<acc_t>(), g.dk = dk.data_ptr<acc_t>(), g.dv = dv.data_ptr<acc_t>();
+  at::Tensor dw;
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    if (average_heads) {
+      TORCH_CHECK(grad_weights->dim() == 3, "fasttf.native_attention_backward: expected grad_weights of shape ",
+                  "(N, L, S) (average_heads), got ", shape_str(grad_weights->sizes()));
+    } else {
+      TORCH_CHECK(grad_weights->dim() == 4, "fasttf.native_attention_backward: expected grad_weights of shape ",
+                  "(N, H, L, S), got ", shape_str(grad_weights->sizes()));
+    }
+    dw = grad_weights->to(qa.scalar_type()).contiguous();
+    g.dw = dw.data_ptr<acc_t>();
+    g.dw_averaged = average_heads;
+  }
+  at::Tensor dmask_full;
+  const bool want_dmask = mask_requires_grad && attn_mask.has_value() && attn_mask->defined() &&
+                          attn_mask->scalar_type() != at::kBool;
+  if (want_dmask) {
+    dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, qa.options());
+    g.dmask_full = dmask_full.data_ptr<acc_t>();
+  }
+  backward_kernel(problem, g);
+  at::Tensor dmask = want_dmask ? reduce_to_mask<acc_t>(dmask_full, *attn_mask).to(attn_mask->scalar_type())
+                                : at::empty({0}, q.options());
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dmask};
+}
+
+}  // namespace
+}  // namespace attention
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
+    const OptTensor& seed, const OptTensor& grad_weights, bool average_heads, bool mask_requires_grad) {
+  using namespace attention;
+  check_inputs("native_attention_backward", q, k, v, attn_mask, dropout_p, seed);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == q.size(0) &&
+                  out.size(1) == q.size(1) && out.size(2) == q.size(2) && out.size(3) == v.size(3),
+              "fasttf.native_attention_backward: expected grad_out and out of shape (N, H, L, Ev), got ",
+              shape_str(grad_out.sizes()), " and ", shape_str(out.sizes()));
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "fasttf.native_attention_backward: expected lse of shape (N, H, L), got ", shape_str(lse.sizes()));
+  if (q.scalar_type() == at::kDouble) {
+    return run_backward<double>(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                                grad_weights, average_heads, mask_requires_grad);
+  }
+  return run_backward<float>(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                             grad_weights, average_heads, mask_requires_grad);
+}
+
+}  // namespace cpu
+}  // namespace fasttf

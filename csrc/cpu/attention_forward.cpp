@@ -1,0 +1,105 @@
+// The CPU attention forward (math in attention.h): one task per (batch, head, query block) with
+// at::parallel_for; each streams the key blocks with an online softmax.
+//
+//   for each key block [j0, j1):   (is_causal: only blocks with j0 < i1, only rows i >= j0,
+//                                   only keys j < i1: the tile is trimmed row by row)
+//     s = scale Q K^T + bias                                  (BLAS)
+//     m_new = max(m, rowmax s);  p = exp(s - m_new);  l = l exp(m - m_new) + rowsum p
+//     acc = acc exp(m - m_new) + (p * z) V                    (BLAS, beta = 1)
+//   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf)
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "attention.h"
+
+namespace fasttf {
+namespace cpu {
+namespace attention {
+namespace {
+
+template <typename acc_t>
+void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
+  const int64_t blocks_m = (p.L + kBlockM - 1) / kBlockM;
+  const int64_t tasks = p.N * p.H * blocks_m;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas single_thread_blas;
+    std::vector<acc_t> scores(kBlockM * kBlockN), acc(kBlockM * p.Ev), m(kBlockM), l(kBlockM), z(kBlockN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
+      const int64_t i0 = (task % blocks_m) * kBlockM, i1 = std::min(i0 + kBlockM, p.L), rows = i1 - i0;
+      std::fill(acc.begin(), acc.begin() + rows * p.Ev, acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      const int64_t key_end = p.key_end(i1);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
+        const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+        const int64_t r0 = p.row_start(i0, j0) - i0;
+        acc_t* s = scores.data() + r0 * kBlockN;
+        gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
+                    p.k_sl, acc_t(0), s, kBlockN);
+        for (int64_t r = r0; r < rows; ++r) {
+          acc_t* row = scores.data() + r * kBlockN;
+          const int64_t i = i0 + r;
+          add_bias(row, n, p.mask, b, h, i, j0, p.causal);
+          const acc_t m_new = std::max(m[r], row_max(row, n));
+          if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // nothing seen yet in this row
+            std::fill(row, row + n, acc_t(0));
+            continue;
+          }
+          const acc_t alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+          const acc_t sum = exp_shift_sum(row, n, m_new);
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc.data() + r * p.Ev;
+            for (int64_t e = 0; e < p.Ev; ++e) a[e] *= alpha;
+          }
+          if (p.dropout.on) {
+            dropout_row(p.dropout, p.flat(b, h, i, j0), n, z.data());
+            for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
+          }
+        }
+        gemm<acc_t>(false, false, rows - r0, p.Ev, n, acc_t(1), s, kBlockN, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+                    acc.data() + r0 * p.Ev, p.Ev);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* o = out + ((b * p.H + h) * p.L + i0 + r) * p.Ev;
+        const acc_t* a = acc.data() + r * p.Ev;
+        const acc_t inv = l[r] > acc_t(0) ? acc_t(1) / l[r] : acc_t(0);
+        for (int64_t e = 0; e < p.Ev; ++e) o[e] = a[e] * inv;
+        lse[(b * p.H + h) * p.L + i0 + r] =
+            l[r] > acc_t(0) ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace attention
+
+std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const OptTensor& attn_mask,
+                                                            double dropout_p, bool is_causal, double scale,
+                                                            const OptTensor& seed) {
+  using namespace attention;
+  check_inputs("native_attention_forward", q, k, v, attn_mask, dropout_p, seed);
+  const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
+  const auto acc_type = qa.scalar_type();
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, qa.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, qa.options());
+  if (acc_type == at::kDouble) {
+    forward_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed),
+                   out.data_ptr<double>(), lse.data_ptr<double>());
+  } else {
+    forward_kernel(make_problem<float>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed),
+                   out.data_ptr<float>(), lse.data_ptr<float>());
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+}  // namespace cpu
+}  // namespace fasttf

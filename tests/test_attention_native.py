@@ -1,0 +1,257 @@
+"""fasttf's C++ CPU attention kernel (csrc/cpu/attention*.cpp) beyond the tests both kernels share
+(tests/test_attention.py): every dtype, shapes across its 64 x 128 tiles that the interpreter
+cannot afford, head dims past 256, the attention weights, the mask gradient and the weights'
+gradient against fasttf.reference in float64, thread-count independence, dropout replay, opcheck
+of its ops, and the FASTTF_CPU_ATTENTION switch. No interpreter needed: this is plain C++.
+"""
+
+import math
+
+import pytest
+import torch
+
+import fasttf
+from fasttf import reference
+from fasttf.kernels import attention as kernels
+from fasttf.ops import attention as attention_op
+from fasttf.ops import attention_cpu
+
+from test_attention import check_against_reference, kernel_keep_mask, make_inputs, run_with_dropout
+
+
+@pytest.fixture(autouse=True)
+def _native(monkeypatch):
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "native")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output and gradients against the float64 reference (accuracy rule of DESIGN.md)
+
+SHAPES = [  # (N, H, L, S, E, Ev): tiles are 64 query rows x 128 keys
+    (1, 2, 64, 128, 32, 32),
+    (2, 2, 130, 260, 16, 24),
+    (1, 1, 200, 70, 8, 8),
+    (1, 3, 1, 300, 64, 64),
+    (1, 1, 65, 129, 300, 20),  # head dim past Triton's 256
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes_and_dtypes_against_reference(shape, is_causal, dtype):
+    batch, heads, length_q, length_k, head_dim, value_dim = shape
+    query, key, value = make_inputs(batch, heads, length_q, length_k, head_dim, value_dim, dtype=dtype)
+    check_against_reference(query, key, value, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_large_masked_gqa_strided(is_causal):
+    query, key, value = make_inputs(2, 4, 150, 290, 32, 16, heads_kv=2)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)  # (N, L, H, E) storage
+    generator = torch.Generator().manual_seed(3)
+    check_against_reference(query, key, value, attn_mask=torch.rand(150, 290, generator=generator) > 0.3,
+                            is_causal=is_causal, enable_gqa=True)
+    check_against_reference(query, key, value, attn_mask=torch.randn(2, 1, 150, 1, generator=generator),
+                            is_causal=is_causal, enable_gqa=True)
+
+
+def test_large_dropout_replays_in_the_reference():
+    query, key, value = make_inputs(2, 2, 140, 270, 16, heads_kv=1)
+    keep = kernel_keep_mask(query, key, 0.2, torch_seed=4)
+    mask = torch.rand(140, 270, generator=torch.Generator().manual_seed(1)) > 0.2
+    check_against_reference(query, key, value, attn_mask=mask, is_causal=True, enable_gqa=True, dropout_p=0.2,
+                            dropout_mask=keep,
+                            run=lambda q, k, v: run_with_dropout(q, k, v, 0.2, 4, attn_mask=mask, is_causal=True,
+                                                                 enable_gqa=True))
+
+
+def test_float64_and_big_head_dims_run_natively():  # strict mode: a fallback would raise
+    query, key, value = make_inputs(1, 2, 5, 6, 300, dtype=torch.float64)
+    out = fasttf.scaled_dot_product_attention(query, key, value, is_causal=True)
+    torch.testing.assert_close(out, reference.scaled_dot_product_attention(query, key, value, is_causal=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights, their gradient and the mask gradient (the ops' contract), in float64 and float32
+
+
+def native_call(query, key, value, mask, dropout_p, is_causal, scale, seed, average_heads, grad_out, grad_weights,
+                mask_requires_grad):
+    out, lse = attention_cpu.attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed)
+    weights = attention_cpu.attention_weights(query, key, lse, mask, dropout_p, is_causal, scale, seed,
+                                              average_heads)
+    grads = attention_cpu.attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p, is_causal,
+                                             scale, seed, grad_weights, average_heads, mask_requires_grad)
+    return out, weights, grads
+
+
+def reference_call(query, key, value, mask, dropout_p, is_causal, scale, keep, average_heads, grad_out,
+                   grad_weights):
+    inputs = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    mask64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.detach().double().requires_grad_())
+    group = query.size(1) // key.size(1)
+    probs = reference.attention_probs(inputs[0], inputs[1], mask64, is_causal, scale, enable_gqa=group > 1)
+    weights = reference.apply_dropout(probs, dropout_p, keep)
+    out = weights @ inputs[2].repeat_interleave(group, dim=1)
+    returned = weights.mean(dim=1) if average_heads else weights
+    loss = (out * grad_out.double()).sum()
+    if grad_weights is not None:
+        loss = loss + (returned * grad_weights.double()).sum()
+    wanted = inputs + ([mask64] if mask64 is not None and mask64.requires_grad else [])
+    grads = torch.autograd.grad(loss, wanted)
+    return out, returned, grads
+
+
+CASES = [  # (mask shape or None, mask kind, is_causal, dropout_p, average_heads, with grad_weights)
+    ((2, 4, 70, 150), "float", False, 0.0, False, False),
+    ((70, 150), "float", True, 0.0, True, True),
+    ((4, 1, 150), "float", False, 0.3, True, True),
+    ((2, 1, 70, 1), "float", True, 0.2, False, True),
+    ((150,), "bool", True, 0.1, False, True),
+    (None, None, False, 0.0, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_weights_and_gradients_against_reference(case, dtype):
+    mask_shape, kind, is_causal, dropout_p, average_heads, with_grad_weights = case
+    query, key, value = make_inputs(2, 4, 70, 150, 16, 8, heads_kv=2, dtype=dtype)
+    generator = torch.Generator().manual_seed(11)
+    mask = None
+    if kind == "float":
+        mask = torch.randn(mask_shape, generator=generator).to(dtype)
+        if mask.dim() >= 2 and mask.size(-2) > 1:
+            mask[..., :3, :] = -math.inf  # rows with no key left
+        else:
+            mask[..., :3] = -math.inf  # keys nobody sees
+    elif kind == "bool":
+        mask = torch.rand(mask_shape, generator=generator) > 0.3
+    scale = 0.3
+    seed = torch.tensor([77], dtype=torch.int64) if dropout_p > 0 else None
+    keep = attention_cpu.dropout_keep_mask(query, key, dropout_p, seed) if dropout_p > 0 else None
+    grad_out = torch.randn(2, 4, 70, 8, generator=generator).to(dtype)
+    weights_shape = (2, 70, 150) if average_heads else (2, 4, 70, 150)
+    grad_weights = torch.randn(weights_shape, generator=generator).to(dtype) if with_grad_weights else None
+    mask_grad = kind == "float"
+    out, weights, grads = native_call(query, key, value, mask, dropout_p, is_causal, scale, seed, average_heads,
+                                      grad_out, grad_weights, mask_grad)
+    out64, weights64, grads64 = reference_call(query, key, value, mask, dropout_p, is_causal, scale, keep,
+                                               average_heads, grad_out, grad_weights)
+    tolerance = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(out.double(), out64, **tolerance)
+    torch.testing.assert_close(weights.double(), weights64, **tolerance)
+    assert weights.dtype == dtype and weights.shape == weights_shape
+    for name, mine, truth in zip(("dq", "dk", "dv", "dmask"), grads, grads64):
+        assert mine.shape == truth.shape, name
+        torch.testing.assert_close(mine.double(), truth, **tolerance, msg=name)
+    assert (grads[3] is None) == (not mask_grad)
+    for tensor in (out, weights, *(g for g in grads if g is not None)):
+        assert not torch.isnan(tensor).any()
+
+
+def test_mask_gradient_is_deterministic_and_thread_count_independent():
+    query, key, value = make_inputs(2, 4, 130, 140, 16)
+    mask = torch.randn(4, 130, 140, generator=torch.Generator().manual_seed(2))
+    seed = torch.tensor([5], dtype=torch.int64)
+    grad_out = torch.randn(2, 4, 130, 16, generator=torch.Generator().manual_seed(3))
+    grad_weights = torch.randn(2, 130, 140, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 1, 3):
+            torch.set_num_threads(count)
+            out, weights, grads = native_call(query, key, value, mask, 0.1, True, 0.25, seed, True, grad_out,
+                                              grad_weights, True)
+            results.append((out, weights, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, again in zip(results[0], other):
+            assert torch.equal(first, again)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout bits, opcheck, the switch
+
+
+def test_keep_mask_replays_through_the_public_function():
+    query, key, value = make_inputs(1, 2, 33, 40, 8)
+    keep = kernel_keep_mask(query, key, 0.4, torch_seed=8)
+    assert keep.shape == (1, 2, 33, 40) and 0.5 < keep.float().mean().item() < 0.7
+    torch.manual_seed(8)
+    seed = attention_op.draw_dropout_seed("cpu")
+    assert torch.equal(keep, attention_cpu.dropout_keep_mask(query, key, 0.4, seed))
+
+
+def op_arguments():
+    query, key, value = make_inputs(2, 4, 10, 13, 8, 6, heads_kv=2)
+    mask = torch.randn(1, 4, 10, 1)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    return query, key, value, mask, seed
+
+
+def test_opcheck_native_ops():
+    query, key, value, mask, seed = op_arguments()
+    ops = torch.ops.fasttf
+    for arguments in ((query, key, value, None, 0.0, False, 0.3, None), (query, key, value, mask, 0.2, True, 0.3, seed),
+                      (query.transpose(1, 2).contiguous().transpose(1, 2), key, value, mask > 0, 0.0, True, 0.5,
+                       None)):
+        torch.library.opcheck(ops.native_attention_forward.default, arguments)
+    out, lse = ops.native_attention_forward(query, key, value, mask, 0.2, True, 0.3, seed)
+    for average in (False, True):
+        torch.library.opcheck(ops.native_attention_weights.default,
+                              (query, key, lse, mask, 0.2, True, 0.3, seed, average))
+        grad_weights = torch.randn((2, 10, 13) if average else (2, 4, 10, 13))
+        for mask_grad in (False, True):
+            torch.library.opcheck(ops.native_attention_backward.default,
+                                  (torch.randn_like(out), query, key, value, out, lse, mask, 0.2, True, 0.3, seed,
+                                   grad_weights, average, mask_grad))
+    torch.library.opcheck(ops.native_attention_keep_mask.default, (query, key, 0.2, seed))
+
+
+def test_native_ran(monkeypatch):
+    """The public function runs the C++ kernel, handing it the caller's mask (never expanded or copied)."""
+    calls = []
+    forward = attention_cpu.attention_forward
+    monkeypatch.setattr(attention_cpu, "attention_forward", lambda *args: calls.append(args) or forward(*args))
+    query, key, value = make_inputs(2, 3, 9, 11, 8)
+    mask = torch.randn(11)
+    fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    assert len(calls) == 1 and calls[0][3] is mask
+
+
+def test_bad_switch_value_raises(monkeypatch):
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "cuda")
+    query, key, value = make_inputs(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="FASTTF_CPU_ATTENTION"):
+        fasttf.scaled_dot_product_attention(query, key, value)
+
+
+def test_switch_is_read_at_call_time(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    query, key, value = make_inputs(1, 1, 3, 3, 4)
+    fasttf.scaled_dot_product_attention(query, key, value)  # native
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fasttf.scaled_dot_product_attention(query, key, value)
+    monkeypatch.delenv("FASTTF_CPU_ATTENTION")
+    fasttf.scaled_dot_product_attention(query, key, value)
+
+
+def test_dropout_trains_without_interpreter_under_strict(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    query, key, value = (t.requires_grad_() for t in make_inputs(2, 2, 30, 30, 8))
+    fasttf.scaled_dot_product_attention(query, key, value, dropout_p=0.1, is_causal=True).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (query, key, value))
+
+
+def test_learned_bias_gets_its_gradient_from_the_native_kernel():
+    query, key, value = (t.requires_grad_() for t in make_inputs(2, 3, 20, 30, 8))
+    bias = torch.randn(3, 20, 30, requires_grad=True)
+    fasttf.scaled_dot_product_attention(query, key, value, bias, is_causal=True).square().sum().backward()
+    inputs64 = [t.detach().double().requires_grad_() for t in (query, key, value, bias)]
+    reference.scaled_dot_product_attention(*inputs64[:3], inputs64[3], is_causal=True).square().sum().backward()
+    for mine, truth in zip((query, key, value, bias), inputs64):
+        torch.testing.assert_close(mine.grad.double(), truth.grad, atol=1e-5, rtol=1e-4)
