@@ -81,9 +81,10 @@ def native_call(query, key, value, mask, dropout_p, is_causal, scale, seed, aver
     out, lse = attention_cpu.attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed)
     weights = attention_cpu.attention_weights(query, key, lse, mask, dropout_p, is_causal, scale, seed,
                                               average_heads)
-    grads = attention_cpu.attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p, is_causal,
-                                             scale, seed, grad_weights, average_heads, mask_requires_grad)
-    return out, weights, grads
+    dq, dk, dv, dmask = torch.ops.fasttf.attention_backward(grad_out, query, key, value, out, lse, mask, dropout_p,
+                                                            is_causal, scale, seed, grad_weights, average_heads,
+                                                            mask_requires_grad)
+    return out, weights, (dq, dk, dv, dmask if mask_requires_grad else None)  # dmask: empty when not asked for
 
 
 def reference_call(query, key, value, mask, dropout_p, is_causal, scale, keep, average_heads, grad_out,

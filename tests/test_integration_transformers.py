@@ -29,16 +29,21 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4)  # head
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Every call of fasttf's attention (strict mode makes each one the kernel): a dict of Lq, Lk and
-    the keywords the integration passed."""
+    the keywords the integration passed; `weights` says whether it asked for the weights too."""
     calls = []
-    kernel = fasttf.ops.attention.scaled_dot_product_attention
 
-    def spy(query, key, value, **kwargs):
-        calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2), heads=query.size(-3),
-                          heads_kv=key.size(-3)))
-        return kernel(query, key, value, **kwargs)
+    def spying_on(name, weights):
+        kernel = getattr(fasttf.ops.attention, name)
 
-    monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
+        def spy(query, key, value, **kwargs):
+            calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2), heads=query.size(-3),
+                              heads_kv=key.size(-3), weights=weights))
+            return kernel(query, key, value, **kwargs)
+
+        monkeypatch.setattr(fasttf.ops.attention, name, spy)
+
+    spying_on("scaled_dot_product_attention", False)
+    spying_on("attention_with_weights", True)
     return calls
 
 
@@ -201,16 +206,11 @@ def test_training_step_gradients_match(name, attention_backend, kernel_calls):
     assert kernel_calls
 
 
-@pytest.mark.parametrize("strict", [
-    pytest.param(True, marks=pytest.mark.xfail(raises=fasttf.FallbackError, strict=False, reason=(
-        "T5's learned position bias is a float mask that requires grad: the kernel has no mask gradient yet, so "
-        "fasttf falls back to fasttf.reference (the mask-gradient kernel is issue 14's)"))),
-    False])
-@pytest.mark.filterwarnings("ignore:fasttf.scaled_dot_product_attention. running plain torch because attn_mask")
-def test_t5_training_step_gradients_match(strict, monkeypatch, attention_backend):
-    if not strict:
-        monkeypatch.delenv("FASTTF_STRICT")
+def test_t5_training_step_gradients_match(attention_backend, kernel_calls):
+    """The learned position bias is a float mask that requires grad: its gradient comes from the
+    kernel (strict: no fallback)."""
     _compare("t5", grad=True)
+    assert kernel_calls
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
@@ -325,7 +325,7 @@ def test_output_attentions_match_eager(name, kernel_calls):
         expected = twin(model, name, "eager", torch.float64)(**_cast(inputs, torch.float64), output_attentions=True)
         theirs = twin(model, name, "eager")(**inputs, output_attentions=True)
     layers = model.config.num_hidden_layers
-    assert kernel_calls and len(ours.attentions) == layers
+    assert kernel_calls and all(call["weights"] for call in kernel_calls) and len(ours.attentions) == layers
     for layer in range(layers):
         assert ours.attentions[layer].shape == (BATCH, 4, LENGTH, LENGTH)
         assert_close_to_reference(ours.attentions[layer], expected.attentions[layer], theirs.attentions[layer],

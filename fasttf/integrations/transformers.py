@@ -26,18 +26,16 @@ What `attention_forward` does with what models pass (query (B, H, Lq, D), key/va
 - `scaling`: the kernel's `scale` (None: 1/sqrt(D)); cross attention: Lk != Lq, no causal;
 - `position_bias` (T5, MT5, UMT5, LongT5, Pix2Struct...): combined with the mask into one float
   mask, as the sdpa integration does (masked: -inf, where sdpa writes the dtype's lowest value,
-  so a fully masked row gives 0 as it does with bool masks). In training that mask
-  requires grad: fasttf's kernel then falls back to `fasttf.reference` (a FallbackError under
-  FASTTF_STRICT=1) until the kernel gives the mask gradient;
+  so a fully masked row gives 0 as it does with bool masks). In training that mask requires
+  grad: the kernel gives its gradient, summed over the dims it was broadcast along;
 - `sliding_window` (Mistral, Qwen2, Gemma...): the window is in the mask transformers builds for
   "fasttf" (its mask functions take the window, and never skip the mask where it matters). If no
   mask comes and the window would cut keys, a causal window mask is built here; a bidirectional
   one raises ValueError;
-- `output_attentions=True` (keyword or config): the output still comes from the kernel; the
-  weights, which must exist in memory, are `softmax(q k^T * scale + mask)` computed with
-  `fasttf.reference.attention_probs` (plain torch, O(B H Lq Lk) memory, differentiable), taken
-  before dropout; a fully masked row gives weights 0. (`torch.ops.fasttf.attention_weights`,
-  the fused weights op, replaces `_attention_weights` once it exists.)
+- `output_attentions=True` (keyword or config): the output and the weights (B, H, Lq, Lk) come
+  from one kernel pair (`fasttf.ops.attention.attention_with_weights`): the weights are written
+  from the saved log-sum-exp, after dropout as eager attention returns them, differentiable;
+  a fully masked row gives weights 0;
 - `softcap` (Gemma 2's attn_logit_softcapping), `s_aux` / `sinks` (attention sinks, gpt-oss)
   change the softmax itself and are not in the kernel: ValueError naming the feature, never
   silently ignored.
@@ -55,7 +53,6 @@ except ImportError as error:  # pragma: no cover - the extra is not installed
     raise ImportError("fasttf.integrations.transformers needs Hugging Face transformers: "
                       "pip install 'fasttf[transformers]'") from error
 
-from fasttf import reference
 from fasttf.ops import attention as _attention  # looked up at call time (tests count the calls)
 
 NAME = "fasttf"
@@ -108,12 +105,6 @@ def _with_position_bias(position_bias: Tensor, attention_mask: Tensor | None, ca
     return bias + attention_mask
 
 
-def _attention_weights(query, key, attn_mask, causal, scale, enable_gqa) -> Tensor:
-    """The attention probabilities (B, H, Lq, Lk) for output_attentions: plain torch math
-    (fasttf.reference), in memory, differentiable; before dropout."""
-    return reference.attention_probs(query, key, attn_mask, causal, scale, enable_gqa)
-
-
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, position_bias: Tensor | None = None,
@@ -146,12 +137,15 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         causal = False
 
     dropout_p = float(dropout) if getattr(module, "training", True) else 0.0
-    out = _attention.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
-                                                  is_causal=causal, scale=scaling, enable_gqa=enable_gqa)
-    weights = None
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        weights = _attention_weights(query, key, attention_mask, causal, scaling, enable_gqa)
+        out, weights = _attention.attention_with_weights(query, key, value, attn_mask=attention_mask,
+                                                         dropout_p=dropout_p, is_causal=causal, scale=scaling,
+                                                         average_heads=False, enable_gqa=enable_gqa)
+    else:
+        out, weights = _attention.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=causal, scale=scaling,
+            enable_gqa=enable_gqa), None
     return out.transpose(1, 2).contiguous(), weights
 
 
