@@ -9,7 +9,8 @@ every parameter. TFLOP/s count the attention only (4·N·H·L·S·E x3.5), not t
 read as "attention work done per second" for the module.
 
 Shapes: GPU D = 1024, H = 16 (E = 64), N = 16384 / L, L = 512, 2048, 8192, float16 and bfloat16.
-CPU: fasttf's kernel runs only under the Triton interpreter, so one tiny shape, labelled so.
+CPU: fasttf's C++ attention kernel (FASTTF_CPU_ATTENTION=native, the default), D = 512, H = 8,
+L = 256 and 1024, float32.
 
 test_multihead_attention_need_weights: torch's default call (need_weights=True, head-averaged
 weights) on both modules, the weights in the loss too (their gradient flows back):
@@ -17,6 +18,7 @@ weights) on both modules, the weights in the loss too (their gradient flows back
     torch nn.MultiheadAttention (the eager twin): bmm + softmax + bmm, (N, H, L, S) saved
 extra_info saved_bytes: the bytes autograd saves for backward in one forward (saved_tensors_hooks,
 each storage once). GPU: L = 256 ... 4096, N = 16384 / L, D = 1024, H = 16, float16 and bfloat16.
+CPU (the C++ kernel): N = 1, D = 512, H = 8, L = 256, 1024, 4096, float32.
 """
 
 import pytest
@@ -25,7 +27,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import fasttf
-from harness import DEVICE, ON_GPU, TINY, attention_flops, dtype_name, interpreter_active, measure
+from harness import DEVICE, ON_GPU, TINY, attention_flops, dtype_name, measure
 
 
 def shapes():
@@ -35,7 +37,7 @@ def shapes():
     if ON_GPU:
         return [(dtype, (16384 // length, length, 1024, 16), "") for dtype in (torch.float16, torch.bfloat16)
                 for length in (512, 2048, 8192)]
-    return [(torch.float32, (1, 128, 128, 2), " (interpreter)")]
+    return [(torch.float32, (2, length, 512, 8), "") for length in (256, 1024)]
 
 
 IMPLS = (("fasttf", False), ("torch need_weights=True", True), ("torch need_weights=False", False))
@@ -46,9 +48,6 @@ IMPLS = (("fasttf", False), ("torch need_weights=True", True), ("torch need_weig
 def test_multihead_attention(benchmark, shape, impl):
     name, eager_twin = impl
     dtype, (batch, length, dim, heads), label = shape
-    if label and name == "fasttf" and not interpreter_active():
-        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: fasttf attention on the CPU "
-                    "falls back to torch's SDPA")
     torch.manual_seed(0)
     torch_module = nn.MultiheadAttention(dim, heads, batch_first=True, device=DEVICE, dtype=dtype)
     module = fasttf.MultiheadAttention.from_torch(torch_module) if name == "fasttf" else torch_module
@@ -61,7 +60,7 @@ def test_multihead_attention(benchmark, shape, impl):
         out = module(x, x, x, need_weights=need_weights)[0]
         return torch.autograd.grad(out, inputs, grad_out)
 
-    impl_name = f"{name} (interpreter)" if name == "fasttf" and not ON_GPU else name
+    impl_name = f"{name} (native)" if name == "fasttf" and not ON_GPU else name
     measure(benchmark, fn, group=f"MultiheadAttention fwd+bwd {dtype_name(dtype)}{label}: N={batch} L={length} "
                                  f"D={dim} H={heads}",
             impl=impl_name, eager_twin=eager_twin, op="MultiheadAttention", mode="fwd+bwd", dtype=dtype_name(dtype),
@@ -76,7 +75,7 @@ def need_weights_shapes():
     if ON_GPU:
         return [(dtype, (16384 // length, length, 1024, 16), "") for dtype in (torch.float16, torch.bfloat16)
                 for length in (256, 512, 1024, 2048, 4096)]
-    return [(torch.float32, (1, 64, 64, 2), " (interpreter)")]
+    return [(torch.float32, (1, length, 512, 8), "") for length in (256, 1024, 4096)]
 
 
 def saved_bytes(forward) -> int:
@@ -99,8 +98,6 @@ NEED_WEIGHTS_IMPLS = ("fasttf", "torch")
 @pytest.mark.parametrize("shape", need_weights_shapes(), ids=lambda s: f"{dtype_name(s[0])}-{'x'.join(map(str, s[1]))}")
 def test_multihead_attention_need_weights(benchmark, shape, impl):
     dtype, (batch, length, dim, heads), label = shape
-    if label and impl == "fasttf" and not interpreter_active():
-        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported: no fasttf attention kernel here")
     torch.manual_seed(0)
     torch_module = nn.MultiheadAttention(dim, heads, batch_first=True, device=DEVICE, dtype=dtype)
     module = fasttf.MultiheadAttention.from_torch(torch_module) if impl == "fasttf" else torch_module
@@ -114,7 +111,7 @@ def test_multihead_attention_need_weights(benchmark, shape, impl):
         return torch.autograd.grad((out, weights), inputs, (grad_out, grad_weights))
 
     benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: module(x, x, x))
-    impl_name = f"{impl} (interpreter)" if impl == "fasttf" and not ON_GPU else impl
+    impl_name = f"{impl} (native)" if impl == "fasttf" and not ON_GPU else impl
     measure(benchmark, fn, group=f"MultiheadAttention need_weights=True fwd+bwd {dtype_name(dtype)}{label}: "
                                  f"N={batch} L={length} D={dim} H={heads}",
             impl=impl_name, eager_twin=impl == "torch", op="MultiheadAttention need_weights", mode="fwd+bwd",
