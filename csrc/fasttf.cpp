@@ -6,6 +6,8 @@
 // keep-mask from the same seed (csrc/philox.h) instead of storing it.
 #include <torch/extension.h>
 
+#include "cpu/dropout.h"
+#include "philox.h"
 #include "ops.h"
 
 TORCH_LIBRARY(fasttf, m) {
@@ -84,4 +86,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(x, residual, weight, bias, eps, dropout_p, seed);
   }, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("dropout_p"),
      py::arg("seed"));
+  // For tests: the CPU dropout multipliers of elements [start, start + n) as the kernels draw them
+  // (each x86 path of dropout.cpp: vectorised loops, AVX-512), beside the keep bytes.
+  m.def("_dropout_multipliers", [](uint64_t seed, int64_t start, int64_t n, double dropout_p) {
+    auto out = at::empty({n}, at::kFloat);
+    fasttf::cpu::dropout_multipliers(seed, start, n, fasttf::dropout_threshold(dropout_p),
+                                     static_cast<float>(1.0 / (1.0 - dropout_p)), out.data_ptr<float>());
+    return out;
+  }, py::arg("seed"), py::arg("start"), py::arg("n"), py::arg("dropout_p"));
 }

@@ -13,8 +13,10 @@
 //       ds = p (dp - D_i)                                 -> the float mask's gradient
 //       dK_j += scale ds^T Q_i,  dQ_i += scale ds K_j     (BLAS)
 //
-// The mask gradient: ds of every (b, h, i, j) lands in an (N, H, L, S) buffer, then is summed over
-// the mask's broadcast dims in a fixed order (reduce_to_mask).
+// The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
+// mask broadcast over batches or heads folds them into one task); otherwise ds of every
+// (b, h, i, j) lands in an (N, H, L, S) buffer, then is summed over the mask's broadcast dims in a
+// fixed order (reduce_to_mask). Both add in the order (b, h, i, j).
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -38,7 +40,12 @@ struct Grads {
   acc_t* dq;
   acc_t* dk;
   acc_t* dv;
-  acc_t* dmask_full = nullptr;  // (N, H, L, S) or null
+  acc_t* dmask_full = nullptr;  // (N, H, L, S), summed into the mask's shape afterwards, or null
+  // or the mask gradient added in place, at dmask + b dm_sb + h dm_sh + i dm_sl + j dm_ss (its
+  // (N, H, L, S) expanded strides), tasks folding the batches / kv heads it is broadcast over
+  acc_t* dmask = nullptr;
+  int64_t dm_sb = 0, dm_sh = 0, dm_sl = 0, dm_ss = 0;
+  bool fold_batches = false, fold_heads = false;
 };
 
 template <typename acc_t>
@@ -49,17 +56,27 @@ const acc_t* dw_row(const Problem<acc_t>& p, const Grads<acc_t>& g, int64_t b, i
 template <typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
   const acc_t dw_scale = g.dw_averaged ? acc_t(1) / static_cast<acc_t>(p.H) : acc_t(1);
-  at::parallel_for(0, p.N * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  const Tiles tiles = backward_tiles(p.causal, p.L);
+  // no larger than the problem: small calls allocate (and zero) small tile buffers
+  const int64_t block_m = std::max<int64_t>(1, std::min(tiles.m, p.L));
+  const int64_t block_n = std::max<int64_t>(1, std::min(tiles.n, p.S));
+  // A task owns every batch (kv head) when the mask gradient is added in place and the mask is
+  // broadcast over batches (heads), so no two tasks add into one of its elements.
+  const int64_t task_batches = g.fold_batches ? p.N : 1, task_heads = g.fold_heads ? p.Hkv : 1;
+  at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    std::vector<acc_t> ptile(kBlockM * kBlockN), dptile(kBlockM * kBlockN), pztile(kBlockM * kBlockN);
-    std::vector<acc_t> z(kBlockN), delta(kBlockM);
+    std::vector<acc_t> ptile(block_m * block_n), dptile(block_m * block_n), pztile(block_m * block_n);
+    std::vector<acc_t> z(block_n), delta(block_m);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+     const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
+     const int64_t hk_first = (task % (p.Hkv / task_heads)) * task_heads;
+     for (int64_t b = b_first; b < b_first + task_batches; ++b)
+     for (int64_t hk = hk_first; hk < hk_first + task_heads; ++hk) {
       acc_t* dk = g.dk + (b * p.Hkv + hk) * p.S * p.E;
       acc_t* dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-        for (int64_t i0 = 0; i0 < p.L; i0 += kBlockM) {
-          const int64_t i1 = std::min(i0 + kBlockM, p.L), rows = i1 - i0, key_end = p.key_end(i1);
+        for (int64_t i0 = 0; i0 < p.L; i0 += block_m) {
+          const int64_t i1 = std::min(i0 + block_m, p.L), rows = i1 - i0, key_end = p.key_end(i1);
           const acc_t* q_i = p.q_row(b, h, i0);
           const acc_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
           const acc_t* lse_i = g.lse + (b * p.H + h) * p.L + i0;
@@ -75,9 +92,9 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
           auto probabilities = [&](int64_t j0, int64_t n) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
             gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl,
-                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.data() + r0 * kBlockN, kBlockN);
+                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.data() + r0 * block_n, block_n);
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* row = ptile.data() + r * kBlockN;
+              acc_t* row = ptile.data() + r * block_n;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
                 std::fill(row, row + n, acc_t(0));
                 continue;
@@ -88,11 +105,11 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
             return r0;
           };
           if (g.dw != nullptr) {  // D_i += sum_j W_ij dW_ij, W = p z
-            for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
-              const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+            for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
+              const int64_t n = std::min(j0 + block_n, key_end) - j0;
               const int64_t r0 = probabilities(j0, n);
               for (int64_t r = r0; r < rows; ++r) {
-                const acc_t* row = ptile.data() + r * kBlockN;
+                const acc_t* row = ptile.data() + r * block_n;
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 if (p.dropout.on) dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
                 acc_t sum = 0;
@@ -101,23 +118,23 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
               }
             }
           }
-          for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
-            const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+          for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
+            const int64_t n = std::min(j0 + block_n, key_end) - j0;
             const int64_t r0 = probabilities(j0, n), m = rows - r0;
-            acc_t* dp = dptile.data() + r0 * kBlockN;
+            acc_t* dp = dptile.data() + r0 * block_n;
             gemm<acc_t>(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
-                        acc_t(0), dp, kBlockN);
-            const acc_t* pz = ptile.data() + r0 * kBlockN;
-            if (p.dropout.on) pz = pztile.data() + r0 * kBlockN;
+                        acc_t(0), dp, block_n);
+            const acc_t* pz = ptile.data() + r0 * block_n;
+            if (p.dropout.on) pz = pztile.data() + r0 * block_n;
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* pr = ptile.data() + r * kBlockN;
-              acc_t* dpr = dptile.data() + r * kBlockN;
+              acc_t* pr = ptile.data() + r * block_n;
+              acc_t* dpr = dptile.data() + r * block_n;
               if (g.dw != nullptr) {
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
               }
               if (p.dropout.on) {
-                acc_t* pzr = pztile.data() + r * kBlockN;
+                acc_t* pzr = pztile.data() + r * block_n;
                 dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
                 for (int64_t j = 0; j < n; ++j) {
                   pzr[j] = pr[j] * z[j];
@@ -128,17 +145,27 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
               for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - d);
               if (g.dmask_full != nullptr) {
                 std::copy(dpr, dpr + n, g.dmask_full + p.flat(b, h, i0 + r, j0));
+              } else if (g.dmask != nullptr) {  // in place, in reduce_to_mask's order
+                acc_t* dst = g.dmask + b * g.dm_sb + h * g.dm_sh + (i0 + r) * g.dm_sl + j0 * g.dm_ss;
+                if (g.dm_ss != 0) {
+                  for (int64_t j = 0; j < n; ++j) dst[j] += dpr[j];
+                } else {
+                  acc_t sum = 0;
+                  for (int64_t j = 0; j < n; ++j) sum += dpr[j];
+                  dst[0] += sum;
+                }
               }
             }
-            gemm<acc_t>(true, false, n, p.Ev, m, acc_t(1), pz, kBlockN, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
+            gemm<acc_t>(true, false, n, p.Ev, m, acc_t(1), pz, block_n, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
                         dv + j0 * p.Ev, p.Ev);
-            gemm<acc_t>(true, false, n, p.E, m, p.scale, dp, kBlockN, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
+            gemm<acc_t>(true, false, n, p.E, m, p.scale, dp, block_n, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
                         dk + j0 * p.E, p.E);
-            gemm<acc_t>(false, false, m, p.E, n, p.scale, dp, kBlockN, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
+            gemm<acc_t>(false, false, m, p.E, n, p.scale, dp, block_n, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
                         dq_i + r0 * p.E, p.E);
           }
         }
       }
+     }
     }
   });
 }
@@ -207,13 +234,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   at::Tensor dmask_full;
   const bool want_dmask = mask_requires_grad && attn_mask.has_value() && attn_mask->defined() &&
                           attn_mask->scalar_type() != at::kBool;
+  at::Tensor dmask = at::empty({0}, q.options());
   if (want_dmask) {
-    dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, qa.options());
-    g.dmask_full = dmask_full.data_ptr<acc_t>();
+    // In place when that leaves at least kMinTasks tasks (a mask over every batch, or one
+    // broadcast over batches with several kv heads); else through the (N, H, L, S) buffer.
+    constexpr int64_t kMinTasks = 4;
+    dmask = at::zeros(attn_mask->sizes(), qa.options());
+    const auto strides = dmask.expand({q.size(0), q.size(1), q.size(2), k.size(2)}).strides();
+    g.fold_batches = strides[0] == 0 && problem.N > 1;
+    g.fold_heads = strides[1] == 0 && problem.Hkv > 1;
+    const int64_t tasks = (g.fold_batches ? 1 : problem.N) * (g.fold_heads ? 1 : problem.Hkv);
+    if (tasks >= kMinTasks) {
+      g.dmask = dmask.data_ptr<acc_t>();
+      g.dm_sb = strides[0], g.dm_sh = strides[1], g.dm_sl = strides[2], g.dm_ss = strides[3];
+    } else {
+      g.fold_batches = g.fold_heads = false;
+      dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, qa.options());
+      g.dmask_full = dmask_full.data_ptr<acc_t>();
+    }
   }
   backward_kernel(problem, g);
-  at::Tensor dmask = want_dmask ? reduce_to_mask<acc_t>(dmask_full, *attn_mask).to(attn_mask->scalar_type())
-                                : at::empty({0}, q.options());
+  if (want_dmask) {
+    if (g.dmask_full != nullptr) dmask = reduce_to_mask<acc_t>(dmask_full, *attn_mask);
+    dmask = dmask.to(attn_mask->scalar_type());
+  }
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dmask};
 }
 

@@ -23,26 +23,30 @@ namespace {
 
 template <typename acc_t>
 void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
-  const int64_t blocks_m = (p.L + kBlockM - 1) / kBlockM;
+  const Tiles tiles = forward_tiles(p.causal, p.L);
+  // no larger than the problem: small calls allocate (and zero) small tile buffers
+  const int64_t block_m = std::max<int64_t>(1, std::min(tiles.m, p.L));
+  const int64_t block_n = std::max<int64_t>(1, std::min(tiles.n, p.S));
+  const int64_t blocks_m = (p.L + block_m - 1) / block_m;
   const int64_t tasks = p.N * p.H * blocks_m;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    std::vector<acc_t> scores(kBlockM * kBlockN), acc(kBlockM * p.Ev), m(kBlockM), l(kBlockM), z(kBlockN);
+    std::vector<acc_t> scores(block_m * block_n), acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
-      const int64_t i0 = (task % blocks_m) * kBlockM, i1 = std::min(i0 + kBlockM, p.L), rows = i1 - i0;
+      const int64_t i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L), rows = i1 - i0;
       std::fill(acc.begin(), acc.begin() + rows * p.Ev, acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       const int64_t key_end = p.key_end(i1);
-      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
-        const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
+      for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
+        const int64_t n = std::min(j0 + block_n, key_end) - j0;
         const int64_t r0 = p.row_start(i0, j0) - i0;
-        acc_t* s = scores.data() + r0 * kBlockN;
+        acc_t* s = scores.data() + r0 * block_n;
         gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
-                    p.k_sl, acc_t(0), s, kBlockN);
+                    p.k_sl, acc_t(0), s, block_n);
         for (int64_t r = r0; r < rows; ++r) {
-          acc_t* row = scores.data() + r * kBlockN;
+          acc_t* row = scores.data() + r * block_n;
           const int64_t i = i0 + r;
           add_bias(row, n, p.mask, b, h, i, j0, p.causal);
           const acc_t m_new = std::max(m[r], row_max(row, n));
@@ -63,7 +67,7 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
             for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
           }
         }
-        gemm<acc_t>(false, false, rows - r0, p.Ev, n, acc_t(1), s, kBlockN, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+        gemm<acc_t>(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
                     acc.data() + r0 * p.Ev, p.Ev);
       }
       for (int64_t r = 0; r < rows; ++r) {

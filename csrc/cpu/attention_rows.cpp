@@ -1,23 +1,22 @@
 // The attention kernels' row passes over one tile row: mask bias, max, exp-and-sum, dropout
-// multipliers. The float loops are omp simd, compiled for AVX-512, AVX2 and plain x86-64 and
-// picked when the library loads (GCC target_clones), like the other CPU ops' row math.
+// multipliers (from dropout.cpp's Philox). The plain loops are compiled for AVX-512, AVX2 and
+// x86-64 and picked when the library loads (FASTTF_CLONES, simd.h); exp-and-sum is written in
+// AVX-512 and AVX2 intrinsics, chosen at run time.
 //
 // exp(x) for x <= 0 (scores minus their row max, or minus lse): x = n ln2 + r, |r| <= ln2 / 2,
 // exp(x) = 2^n * poly(r), the Cephes expf polynomial (about 1 ulp); x below -87 gives 0 (and
 // -inf gives exactly 0, so masked keys carry no weight).
+// GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
 
-#include "../philox.h"
 #include "attention.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTTF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTTF_CLONES
-#endif
+#include "dropout.h"
+#include "simd.h"
 
 namespace fasttf {
 namespace cpu {
@@ -46,6 +45,25 @@ inline float mask_value(const void* data, int64_t offset) {
   return static_cast<float>(static_cast<const scalar_t*>(data)[offset]);
 }
 
+// row[j] = keep[j] ? row[j] : -inf.
+FASTTF_CLONES void mask_row(float* row, const bool* keep, int64_t n) {
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(keep);
+  for (int64_t j = 0; j < n; ++j) row[j] = bytes[j] != 0 ? row[j] : -std::numeric_limits<float>::infinity();
+}
+
+void mask_row(double* row, const bool* keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] : -std::numeric_limits<double>::infinity();
+}
+
+// row[j] += bias[j].
+FASTTF_CLONES void add_row(float* row, const float* bias, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+}
+
+void add_row(double* row, const float* bias, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] += static_cast<double>(bias[j]);
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -56,8 +74,8 @@ void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h,
     const int64_t base = b * mask.sb + h * mask.sh + i * mask.sl + j0 * mask.ss, ss = mask.ss;
     if (mask.kind == MaskView::kBool) {
       const bool* m = static_cast<const bool*>(mask.data) + base;
-      if (ss == 1) {  // the common layout: a loop the compiler vectorises
-        for (int64_t j = 0; j < n; ++j) row[j] = m[j] ? row[j] : kNegInf;
+      if (ss == 1) {  // the common layout: vector blends, no branch on the (random) mask bits
+        mask_row(row, m, n);
       } else {
         for (int64_t j = 0; j < n; ++j) row[j] = m[j * ss] ? row[j] : kNegInf;
       }
@@ -66,7 +84,7 @@ void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h,
         case at::kFloat: {
           const float* m = static_cast<const float*>(mask.data) + base;
           if (ss == 1) {
-            for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j]);
+            add_row(row, m, n);
           } else {
             for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j * ss]);
           }
@@ -147,15 +165,39 @@ __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n
   return sum;
 }
 
-bool has_avx2() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  return yes;
+// The same, sixteen lanes (AVX-512); the row's tail through lane masks.
+__attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t n, float m) {
+  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+    __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift);
+    const __mmask16 kept = _mm512_kandn(_mm512_cmp_ps_mask(v, low, _CMP_LT_OQ), lanes);
+    v = _mm512_max_ps(v, low);
+    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fn, c1, v);
+    r = _mm512_fnmadd_ps(fn, c2, r);
+    __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fn), _mm512_set1_epi32(127)), 23);
+    const __m512 result = _mm512_maskz_mul_ps(kept, e, _mm512_castsi512_ps(bits));
+    _mm512_mask_storeu_ps(x + j, lanes, result);
+    total = _mm512_add_ps(total, result);
+  }
+  return _mm512_reduce_add_ps(total);
 }
 
 }  // namespace
 
 float exp_shift_sum(float* x, int64_t n, float m) {
-  if (has_avx2()) return exp_shift_sum_avx2(x, n, m);
+  if (has_avx512()) return exp_shift_sum_avx512(x, n, m);
+  if (has_avx2_fma()) return exp_shift_sum_avx2(x, n, m);
   float sum = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     x[j] = exp_nonpositive(x[j] - m);
@@ -174,122 +216,20 @@ double exp_shift_sum(double* x, int64_t n, double m) {
   return sum;
 }
 
-namespace {
-
-constexpr int64_t kBatchBlocks = 16;  // Philox blocks (4 words each) generated side by side
-
-// words[w] = the Philox word of element first_block * 4 + w, for kBatchBlocks blocks.
-__attribute__((always_inline)) inline void philox_batch(uint64_t seed, uint64_t first_block, uint32_t* words) {
-  uint32_t c0[kBatchBlocks], c1[kBatchBlocks], c2[kBatchBlocks], c3[kBatchBlocks];
-  for (int64_t t = 0; t < kBatchBlocks; ++t) {
-    const uint64_t block = first_block + static_cast<uint64_t>(t);
-    c0[t] = static_cast<uint32_t>(block), c1[t] = static_cast<uint32_t>(block >> 32), c2[t] = 0u, c3[t] = 0u;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int64_t t = 0; t < kBatchBlocks; ++t) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[t];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[t];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[t] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[t] ^ k1;
-      c1[t] = static_cast<uint32_t>(p1), c3[t] = static_cast<uint32_t>(p0), c0[t] = n0, c2[t] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int64_t t = 0; t < kBatchBlocks; ++t) {
-    words[4 * t] = c0[t], words[4 * t + 1] = c1[t], words[4 * t + 2] = c2[t], words[4 * t + 3] = c3[t];
-  }
-}
-
-// emit(j, word) for j in [0, n): word = the Philox word of element start + j (csrc/philox.h).
-template <typename Emit>
-__attribute__((always_inline)) inline void for_each_word(uint64_t seed, int64_t start, int64_t n, Emit emit) {
-  uint32_t words[4 * kBatchBlocks];
-  int64_t done = 0;
-  while (done < n) {
-    const int64_t index = start + done, skip = index & 3;
-    philox_batch(seed, static_cast<uint64_t>(index) >> 2, words);
-    const int64_t take = std::min<int64_t>(4 * kBatchBlocks - skip, n - done);
-    for (int64_t j = 0; j < take; ++j) emit(done + j, words[skip + j]);
-    done += take;
-  }
-}
-
-}  // namespace
-
-namespace {
-
-// 32-bit a * b -> (low, high) halves, eight lanes.
-__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i b, __m256i* lo, __m256i* hi) {
-  const __m256i even = _mm256_mul_epu32(a, b);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// Philox4x32-10 of eight consecutive blocks (csrc/philox.h), eight lanes: words[4 t + w] = word w of
-// block first_block + t.
-__attribute__((target("avx2"))) void philox8(uint64_t seed, uint64_t first_block, uint32_t* words) {
-  alignas(32) uint32_t lo_words[8], hi_words[8];
-  for (int t = 0; t < 8; ++t) {
-    lo_words[t] = static_cast<uint32_t>(first_block + t);
-    hi_words[t] = static_cast<uint32_t>((first_block + t) >> 32);
-  }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int round = 0; round < 10; ++round) {
-    __m256i lo0, hi0, lo1, hi1;
-    mulhilo8(m0, c0, &lo0, &hi0);
-    mulhilo8(m1, c2, &lo1, &hi1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  alignas(32) uint32_t w[4][8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(w[0]), c0);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(w[1]), c1);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(w[2]), c2);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(w[3]), c3);
-  for (int t = 0; t < 8; ++t) {
-    words[4 * t] = w[0][t], words[4 * t + 1] = w[1][t], words[4 * t + 2] = w[2][t], words[4 * t + 3] = w[3][t];
-  }
-}
-
-}  // namespace
-
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {
-  const uint32_t threshold = d.threshold;
-  const float scale = static_cast<float>(d.scale);
-  if (!has_avx2()) {
-    for_each_word(d.seed, start, n, [&](int64_t j, uint32_t w) { z[j] = w >= threshold ? scale : 0.0f; });
-    return;
-  }
-  uint32_t words[32];
-  int64_t done = 0;
-  while (done < n) {
-    const int64_t index = start + done, skip = index & 3;
-    philox8(d.seed, static_cast<uint64_t>(index) >> 2, words);
-    const int64_t take = std::min<int64_t>(32 - skip, n - done);
-    for (int64_t j = 0; j < take; ++j) z[done + j] = words[skip + j] >= threshold ? scale : 0.0f;
-    done += take;
-  }
+  dropout_multipliers(d.seed, start, n, d.threshold, static_cast<float>(d.scale), z);
 }
 
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, double* z) {
-  const uint32_t threshold = d.threshold;
-  for_each_word(d.seed, start, n, [&](int64_t j, uint32_t w) { z[j] = w >= threshold ? d.scale : 0.0; });
+  dropout_multipliers(d.seed, start, n, d.threshold, d.scale, z);
 }
 
-FASTTF_CLONES void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
-  const uint32_t threshold = d.threshold;
-  const bool none_kept = d.scale == 0.0;  // dropout_p = 1
-  for_each_word(d.seed, start, n, [&](int64_t j, uint32_t w) { keep[j] = !none_kept && w >= threshold; });
+void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
+  if (d.scale == 0.0) {  // dropout_p = 1: nothing kept (the threshold 2^32 has no uint32)
+    std::fill(keep, keep + n, false);
+    return;
+  }
+  dropout_keep_bytes(d.seed, start, n, d.threshold, keep);
 }
 
 }  // namespace attention

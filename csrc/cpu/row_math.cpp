@@ -6,16 +6,13 @@
 #include <cmath>
 #include <type_traits>
 
+#include "simd.h"
+
 // No fused multiply-add contraction: residual + x * m rounds like torch's eager
 // `residual + F.dropout(x)`, so the two agree bit for bit in float32/float64.
 #pragma GCC optimize("fp-contract=off")
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in always-inline helpers: no ABI is crossed
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTTF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTTF_CLONES
-#endif
 #define FASTTF_INLINE __attribute__((always_inline)) inline
 #define FASTTF_LAMBDA __attribute__((always_inline))  // inlined into each clone, not compiled once for x86-64
 
