@@ -16,6 +16,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
+# The most negative finite float bias a kernel adds (its log2e multiple is still a finite float32).
+FLOAT_BIAS_FLOOR = tl.constexpr(-2.0e38)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 # CUDA's grid limits: x up to 2^31 - 1, y and z up to 65535. Every launcher uses one axis (x).
@@ -192,7 +194,12 @@ def load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_K
     in_range = (offs_m[:, None] < L) & (offs_n[None, :] < S)
     ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
     if MASK_KIND == 2:
-        return tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+        # finite values clamped to FLOAT_BIAS_FLOOR first, so that a very negative bias (torch's
+        # finfo.min "masking") stays finite in log2 units instead of overflowing to -inf: a row
+        # biased that way everywhere attends uniformly, as in torch; -inf stays -inf (masked)
+        bias = tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32)
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FLOAT_BIAS_FLOOR))
+        return bias * 1.4426950408889634
     else:
         return tl.load(ptrs, mask=in_range, other=0) != 0
 

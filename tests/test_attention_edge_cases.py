@@ -10,6 +10,8 @@
 - Ported: huge bfloat16 scores (torch's large-bf16 NaN test), a head dim of 1 with a stride
   other than 1 (torch's singleton head dim test), a mask with arbitrary strides, float16 scores
   large enough to overflow a careless backward (flash-attention's bwd overflow test).
+- A float mask of finfo.min (transformers' way of masking) attends like torch: uniformly where a
+  whole row carries it, on both kernels.
 """
 
 import math
@@ -226,3 +228,21 @@ def test_float16_backward_does_not_overflow_on_large_scores():
     for name, a, b, c in zip(("output", "grad query", "grad key", "grad value"), mine, theirs, truth):
         assert torch.isfinite(a).all(), name
         assert_close_to_reference(a, c, b, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_mask_of_finfo_min_attends_uniformly_like_torch(dtype, attention_backend):
+    """A row whose float mask is finfo(dtype).min at every key (HF-style masking of a padded row)
+    attends uniformly over all keys in torch; finfo.min * log2(e) overflowed to -inf in the Triton
+    kernel, which then gave 0. Other rows mix finfo.min keys (weight 0) with ordinary ones."""
+    generator = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(1, 2, 6, 16, generator=generator) for _ in range(3))
+    mask = torch.zeros(6, 6, dtype=dtype)
+    mask[0, :] = torch.finfo(dtype).min  # every key: uniform
+    mask[1:, 3:] = torch.finfo(dtype).min  # some keys: ignored
+    grad_out = torch.randn(1, 2, 6, 16, generator=generator)
+    ours, theirs, reference_result = run_three_ways(query, key, value, dtype, grad_out, attn_mask=mask.to(dtype))
+    torch.testing.assert_close(ours[0][:, :, 0].float(), value.to(dtype).float().mean(dim=2), rtol=0.02, atol=0.02)
+    for name, mine, torchs, exact in zip(("out", "dq", "dk", "dv"), ours, theirs, reference_result):
+        assert torch.isfinite(mine).all(), name
+        assert_close_to_reference(mine, exact, torchs, name=name)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fasttf import _extension
+from fasttf.ops import stat_dtype
 
 ENV = "FASTTF_CPU_ATTENTION"
 CHOICES = ("native", "triton")
@@ -76,16 +77,12 @@ def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor
     return native_ops().native_attention_keep_mask(query, key, float(dropout_p), seed)
 
 
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if _extension.is_available():
 
     @torch.library.register_fake("fasttf::native_attention_forward")
     def _forward_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
         n, h, length, _ = q.shape
-        return q.new_empty((n, h, length, v.size(3))), q.new_empty((n, h, length), dtype=_stat_dtype(q.dtype))
+        return q.new_empty((n, h, length, v.size(3))), q.new_empty((n, h, length), dtype=stat_dtype(q.dtype))
 
     @torch.library.register_fake("fasttf::native_attention_weights")
     def _weights_fake(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads):

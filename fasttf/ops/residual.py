@@ -19,6 +19,7 @@ import torch
 
 from fasttf import _extension
 from fasttf._checks import check_dropout_p, check_same_device, no_second_order
+from fasttf.ops import stat_dtype
 
 _extension_ready = _extension.is_available()
 _SEED_HIGH = 2 ** 62
@@ -34,10 +35,6 @@ def dropout_keep_mask(like: torch.Tensor, dropout_p: float, seed: torch.Tensor) 
     check_dropout_p("dropout_keep_mask", dropout_p)
     _extension.require("dropout_keep_mask")
     return torch.ops.fasttf.dropout_keep_mask(like, float(dropout_p), seed)
-
-
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 if _extension_ready:
@@ -71,7 +68,7 @@ if _extension_ready:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         s = torch.empty_like(x, memory_format=torch.contiguous_format)
         rows = x.numel() // x.size(-1)
-        stats = dict(dtype=_stat_dtype(x.dtype), device=x.device)
+        stats = dict(dtype=stat_dtype(x.dtype), device=x.device)
         return out, s, torch.empty(rows, **stats), torch.empty(rows, **stats)
 
     @torch.library.register_fake("fasttf::add_layer_norm_backward")
