@@ -4,13 +4,13 @@ backend="fasttf" with the same weights.
 
     GPU: d_model 512, 8 heads, 6 + 6 layers, feed-forward 2048, dropout 0.1, bfloat16 weights,
          N = 16384 / L sentence pairs of L = 128 and 512 words (source and target).
-    CPU: fasttf's attention runs only under the Triton interpreter, so two groups:
+    CPU: two groups:
+         - "(native)": a small model (d_model 256, 4 heads, 2 + 2 layers, N = 8, L = 64) where the
+           fasttf backend runs all its C++ CPU kernels (attention with FASTTF_CPU_ATTENTION=native,
+           positional encoding, add + LayerNorm): the CPU speed path;
          - "(interpreter)": a tiny model (d_model 64, 2 heads, 1 + 1 layers, N = 4, L = 32) where the
-           fasttf backend runs its Triton attention under the interpreter;
-         - "(attention via torch SDPA)": a small model (d_model 256, 4 heads, 2 + 2 layers, N = 8,
-           L = 64) where the fasttf backend's attention takes the path it takes on a CPU without
-           TRITON_INTERPRET (torch's SDPA), so the row measures the extension's ops (positional
-           encoding, add + LayerNorm) in a real step.
+           fasttf backend runs its Triton attention under the interpreter (FASTTF_CPU_ATTENTION=triton;
+           not a speed path).
 """
 
 import pytest
@@ -32,7 +32,7 @@ def configs():
         return [("", torch.bfloat16, 16384 // length, length, big) for length in (128, 512)]
     return [(" (interpreter)", torch.float32, 4, 32,
              dict(d_model=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=128)),
-            (" (attention via torch SDPA)", torch.float32, 8, 64,
+            (" (native)", torch.float32, 8, 64,
              dict(d_model=256, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=1024))]
 
 
@@ -43,9 +43,7 @@ def test_training_step(benchmark, monkeypatch, config, backend):
     if backend == "fasttf" and not ON_GPU:
         if label == " (interpreter)" and not interpreter_active():
             pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-        if label == " (attention via torch SDPA)":
-            from fasttf.kernels import attention as kernels
-            monkeypatch.setattr(kernels, "INTERPRET", False)  # the CPU path without the interpreter
+        monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton" if label == " (interpreter)" else "native")
     torch.manual_seed(0)
     model = fasttf.models.Transformer(VOCAB, VOCAB, dropout=0.1, max_len=max(length, 64), backend="torch", **kwargs)
     if backend == "fasttf":

@@ -4,11 +4,10 @@ the forward (eval, no grad) and a training step (forward, loss, backward, AdamW 
 
     GPU: a Llama-style model of 8 layers, hidden 2048, 32 heads over 4 key/value heads (GQA),
          feed-forward 5632, vocab 32000, bfloat16, one sequence of L = 4096 tokens.
-    CPU: fasttf's attention runs only under the Triton interpreter, so two groups, as in
-         test_bench_training_step.py: " (interpreter)", a tiny model where the fasttf rows run the
-         Triton kernel under the interpreter, and " (attention via torch SDPA)", a small model where
-         the fasttf rows take the path of a CPU without TRITON_INTERPRET (torch's SDPA behind
-         fasttf's checks): that row measures the integration's own overhead.
+    CPU: two groups, as in test_bench_training_step.py: " (native)", a small model where the
+         fasttf rows run fasttf's C++ attention kernel (FASTTF_CPU_ATTENTION=native, the CPU speed
+         path), and " (interpreter)", a tiny model where they run the Triton kernel under the
+         interpreter (FASTTF_CPU_ATTENTION=triton; not a speed path).
 Needs the extra fasttf[transformers]; skipped without it.
 """
 
@@ -30,7 +29,7 @@ def configs():
                                                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000))]
     return [(" (interpreter)", torch.float32, 1, 32, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256)),
-            (" (attention via torch SDPA)", torch.float32, 2, 256,
+            (" (native)", torch.float32, 2, 256,
              dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=1000))]
 
@@ -45,9 +44,8 @@ def test_llama(benchmark, monkeypatch, config, mode, implementation):
         import fasttf.integrations.transformers  # noqa: F401  (registers "fasttf")
         if not ON_GPU and label == " (interpreter)" and not interpreter_active():
             pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-        if not ON_GPU and label == " (attention via torch SDPA)":
-            from fasttf.kernels import attention as kernels
-            monkeypatch.setattr(kernels, "INTERPRET", False)  # the CPU path without the interpreter
+        if not ON_GPU:
+            monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton" if label == " (interpreter)" else "native")
     torch.manual_seed(0)
     config_ = transformers.LlamaConfig(max_position_embeddings=max(length, 64), **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config_, attn_implementation=implementation)
