@@ -23,21 +23,24 @@ namespace cpu {
 namespace attention {
 namespace {
 
+// The constants of that exp, shared by the scalar and vector versions.
+constexpr float kExpLow = -87.0f;                             // below: 0
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;  // ln 2 = kLn2High + kLn2Low
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
+  const float clamped = x < kExpLow ? kExpLow : x;
+  const float n = std::floor(clamped * kLog2e + 0.5f);
+  const float r = clamped - n * kLn2High - n * kLn2Low;
+  float poly = kExpPoly[0];
+  for (int c = 1; c < 6; ++c) poly = poly * r + kExpPoly[c];
   const float e = poly * r * r + r + 1.0f;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.0f ? 0.0f : e * two_n;
+  return x < kExpLow ? 0.0f : e * two_n;
 }
 
 template <typename scalar_t>
@@ -132,8 +135,8 @@ namespace {
 // The same exp, eight lanes at a time (AVX2 + FMA): round-to-nearest n, the Cephes polynomial, 2^n
 // from the exponent bits; lanes below -87 give 0.
 __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
-  const __m256 shift = _mm256_set1_ps(m), low = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f), one = _mm256_set1_ps(1.0f);
+  const __m256 shift = _mm256_set1_ps(m), low = _mm256_set1_ps(kExpLow), log2e = _mm256_set1_ps(kLog2e);
+  const __m256 c1 = _mm256_set1_ps(kLn2High), c2 = _mm256_set1_ps(kLn2Low), one = _mm256_set1_ps(1.0f);
   __m256 total = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -143,12 +146,8 @@ __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n
     const __m256 fn = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(fn, c1, v);
     r = _mm256_fnmadd_ps(fn, c2, r);
-    __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 poly = _mm256_set1_ps(kExpPoly[0]);
+    for (int c = 1; c < 6; ++c) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(kExpPoly[c]));
     const __m256 e = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
     const __m256 result = _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
@@ -167,8 +166,8 @@ __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n
 
 // The same, sixteen lanes (AVX-512); the row's tail through lane masks.
 __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t n, float m) {
-  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f);
+  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExpLow), log2e = _mm512_set1_ps(kLog2e);
+  const __m512 c1 = _mm512_set1_ps(kLn2High), c2 = _mm512_set1_ps(kLn2Low), one = _mm512_set1_ps(1.0f);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
@@ -178,12 +177,8 @@ __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t 
     const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(fn, c1, v);
     r = _mm512_fnmadd_ps(fn, c2, r);
-    __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 poly = _mm512_set1_ps(kExpPoly[0]);
+    for (int c = 1; c < 6; ++c) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[c]));
     const __m512 e = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fn), _mm512_set1_epi32(127)), 23);
     const __m512 result = _mm512_maskz_mul_ps(kept, e, _mm512_castsi512_ps(bits));
