@@ -27,12 +27,15 @@ def _native(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Output and gradients against the float64 reference (accuracy rule of DESIGN.md)
 
-SHAPES = [  # (N, H, L, S, E, Ev): tiles are 64 query rows x 128 keys
+SHAPES = [  # (N, H, L, S, E, Ev). Tiles (csrc/cpu/attention.h): forward 256 query rows x 512 keys,
+    # backward 128 x 512; causal 64 x 256 in both, 128 x 512 from L = 2048; weights 64 x 256
     (1, 2, 64, 128, 32, 32),
     (2, 2, 130, 260, 16, 24),
     (1, 1, 200, 70, 8, 8),
     (1, 3, 1, 300, 64, 64),
     (1, 1, 65, 129, 300, 20),  # head dim past Triton's 256
+    (1, 2, 300, 1100, 16, 16),  # several blocks of every tile, partial last ones
+    (1, 1, 2100, 2100, 8, 8),  # the long-sequence causal tiles
 ]
 
 
@@ -54,6 +57,38 @@ def test_large_masked_gqa_strided(is_causal):
                             is_causal=is_causal, enable_gqa=True)
     check_against_reference(query, key, value, attn_mask=torch.randn(2, 1, 150, 1, generator=generator),
                             is_causal=is_causal, enable_gqa=True)
+
+
+# (N, H, Hkv, mask shape): the backward adds the mask gradient in place where the tasks (one per
+# batch and kv head, folding those the mask is broadcast over) number at least 4, else through an
+# (N, H, L, S) buffer; both against the float64 reference, with GQA, broadcasts over L and over S.
+MASK_GRADIENT_LAYOUTS = [
+    (3, 4, 4, (4, 19, 23)),  # in place, batches folded
+    (3, 4, 4, (1, 4, 1, 23)),  # in place, batches folded, broadcast over L
+    (3, 4, 4, (4, 19, 1)),  # in place, broadcast over S (row sums)
+    (3, 8, 4, (8, 19, 23)),  # in place, two query heads per task (GQA)
+    (3, 4, 4, (3, 4, 19, 23)),  # in place, nothing folded
+    (3, 4, 4, (3, 1, 19, 23)),  # 3 tasks: the buffer
+    (2, 4, 4, (19, 23)),  # 1 task: the buffer
+]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("layout", MASK_GRADIENT_LAYOUTS, ids=str)
+def test_mask_gradient_in_place_and_through_the_buffer(layout, is_causal):
+    batch, heads, heads_kv, mask_shape = layout
+    query, key, value = make_inputs(batch, heads, 19, 23, 8, heads_kv=heads_kv)
+    mask = torch.randn(mask_shape, generator=torch.Generator().manual_seed(2))
+    inputs = [t.detach().clone().requires_grad_() for t in (query, key, value, mask)]
+    out = fasttf.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3], is_causal=is_causal, enable_gqa=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    inputs64 = [t.detach().double().requires_grad_() for t in (query, key, value, mask)]
+    truth = reference.scaled_dot_product_attention(*inputs64[:3], inputs64[3], is_causal=is_causal, enable_gqa=True)
+    truths = torch.autograd.grad(truth, inputs64, grad_out.double())
+    for name, got, want in zip(("query", "key", "value", "mask"), grads, truths):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_large_dropout_replays_in_the_reference():
