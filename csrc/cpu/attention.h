@@ -143,6 +143,9 @@ double exp_shift_sum(double* x, int64_t n, double m);
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z);
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, double* z);
 void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep);
+// row[j] *= z[j] (z: n values of scratch, used where the multipliers go through a buffer).
+void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, float* row, float* z);
+void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, double* row, double* z);
 
 // ---- block products: row-major C[m x n] = alpha op(A) op(B) + beta C ----
 template <typename acc_t>

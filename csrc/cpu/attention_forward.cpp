@@ -63,8 +63,7 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
             for (int64_t e = 0; e < p.Ev; ++e) a[e] *= alpha;
           }
           if (p.dropout.on) {
-            dropout_row(p.dropout, p.flat(b, h, i, j0), n, z.data());
-            for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
+            apply_dropout(p.dropout, p.flat(b, h, i, j0), n, row, z.data());
           }
         }
         gemm<acc_t>(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),

@@ -219,6 +219,15 @@ void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, double* z) {
   dropout_multipliers(d.seed, start, n, d.threshold, d.scale, z);
 }
 
+void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, float* row, float*) {
+  dropout_apply(d.seed, start, n, d.threshold, static_cast<float>(d.scale), row);
+}
+
+void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, double* row, double* z) {
+  dropout_row(d, start, n, z);
+  for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
+}
+
 void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
   if (d.scale == 0.0) {  // dropout_p = 1: nothing kept (the threshold 2^32 has no uint32)
     std::fill(keep, keep + n, false);

@@ -34,8 +34,7 @@ void head_weights(const Problem<acc_t>& p, const acc_t* lse, int64_t b, int64_t 
       add_bias(row, n, p.mask, b, h, i0 + r, j0, p.causal);
       exp_shift_sum(row, n, l);
       if (p.dropout.on) {
-        dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
-        for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
+        apply_dropout(p.dropout, p.flat(b, h, i0 + r, j0), n, row, z.data());
       }
       acc_t* dst = w + r * p.S + j0;
       if (accumulate) {

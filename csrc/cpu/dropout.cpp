@@ -1,10 +1,9 @@
 // Dropout multipliers and keep masks from Philox4x32-10 (see ../philox.h and dropout.h).
 //
 // Two generators of the same words: 64 independent blocks in plain loops the compiler vectorises
-// (FASTTF_CLONES), and on AVX-512 sixteen blocks in the lanes of four registers (one per word),
-// the 32x32 -> 64-bit products from vpmuludq on the even and odd lanes, the keep bits compared in
-// the registers and the four word vectors interleaved back into element order (element 4 t + w
-// is word w of block t) with two rounds of two-source permutes.
+// (FASTTF_CLONES), and on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see
+// PhiloxLanes), the keep bits compared in registers and interleaved back into element order
+// (element 4 t + w is word w of block t) with one two-source permute per 16 elements.
 #include "dropout.h"
 
 // GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*).
@@ -84,67 +83,78 @@ FASTTF_CLONES void multipliers_vectorised(uint64_t seed, int64_t start, int64_t 
 #if defined(__x86_64__)
 #define FASTTF_AVX512 __attribute__((target("avx512f"), always_inline)) inline
 
-// (lo, hi) = the low and high 32 bits of a * b, lane by lane.
-FASTTF_AVX512 void mulhilo16(__m512i a, __m512i b, __m512i* lo, __m512i* hi) {
-  const __m512i even = _mm512_mul_epu32(a, b);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+// Philox4x32-10 of eight consecutive blocks, one per 64-bit lane, each counter word in the low half
+// of its lane: vpmuludq multiplies the low halves into a full 64-bit product (lo, hi) with no
+// shuffles, and what the high halves carry never reaches a low half (they are only xor-ed and
+// shifted away), so they are left as they fall.
+struct PhiloxLanes {
+  __m512i c0, c1, c2, c3;
+};
+
+FASTTF_AVX512 PhiloxLanes philox_start(uint64_t first_block) {
+  const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first_block)),
+                                         _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  return {block, _mm512_srli_epi64(block, 32), _mm512_setzero_si512(), _mm512_setzero_si512()};
 }
 
-// out[4 t + w] = (word w of block first_block + t) >= threshold ? scale : 0, for t < 16.
-__attribute__((target("avx512f"))) void multipliers64_avx512(uint64_t seed, uint64_t first_block, uint32_t threshold,
-                                                             float scale, float* out) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block)));
-  __m512i c0 = _mm512_add_epi32(base, lanes);
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base);  // the low word wrapped
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block >> 32)));
-  __m512i c1 = _mm512_mask_add_epi32(high, carry, high, _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+FASTTF_AVX512 void philox_round(PhiloxLanes& x, __m512i k0, __m512i k1) {
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  const __m512i p0 = _mm512_mul_epu32(x.c0, m0), p1 = _mm512_mul_epu32(x.c2, m1);
+  x.c0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), x.c1), k0);
+  x.c2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), x.c3), k1);
+  x.c1 = p1;
+  x.c3 = p0;
+}
+
+// The 32 multipliers of those eight blocks in element order (element 4 t + w = word w of block t):
+// words (w0, w1) and (w2, w3) paired in 64-bit lanes, the pairs interleaved block by block.
+FASTTF_AVX512 void philox_multipliers(const PhiloxLanes& x, __m512i limit, __m512 kept, __m512* first,
+                                      __m512* second) {
+  const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, x.c0, _mm512_slli_epi64(x.c1, 32));
+  const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, x.c2, _mm512_slli_epi64(x.c3, 32));
+  const __m512i lo = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), w23);
+  const __m512i hi = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), w23);
+  *first = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(lo, limit), kept);
+  *second = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(hi, limit), kept);
+}
+
+// z[0..63]: the multipliers of elements 4 first_block ... 4 first_block + 63 (sixteen blocks, in
+// two independent sets of eight for the multiplier's latency).
+FASTTF_AVX512 void multipliers64(uint64_t seed, uint64_t first_block, uint32_t threshold, float scale, __m512 z[4]) {
+  PhiloxLanes a = philox_start(first_block), b = philox_start(first_block + 8);
+  __m512i k0 = _mm512_set1_epi64(static_cast<uint32_t>(seed)), k1 = _mm512_set1_epi64(static_cast<uint32_t>(seed >> 32));
+  const __m512i w0 = _mm512_set1_epi64(0x9E3779B9), w1 = _mm512_set1_epi64(0xBB67AE85);
   for (int round = 0; round < 10; ++round) {
-    __m512i lo0, hi0, lo1, hi1;
-    mulhilo16(m0, c0, &lo0, &hi0);
-    mulhilo16(m1, c2, &lo1, &hi1);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-    c1 = lo1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    philox_round(a, k0, k1);
+    philox_round(b, k0, k1);
+    k0 = _mm512_add_epi32(k0, w0);  // 32-bit lanes: the key's low half wraps like a uint32
+    k1 = _mm512_add_epi32(k1, w1);
   }
   const __m512i limit = _mm512_set1_epi32(static_cast<int>(threshold));
   const __m512 kept = _mm512_set1_ps(scale);
-  const __m512 z0 = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(c0, limit), kept);
-  const __m512 z1 = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(c1, limit), kept);
-  const __m512 z2 = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(c2, limit), kept);
-  const __m512 z3 = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(c3, limit), kept);
-  // Pairs: u = (z0[t], z1[t]) and v = (z2[t], z3[t]) for t < 8 (lo) and t >= 8 (hi); then quads.
-  const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i pair_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i quad_lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i quad_hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-  const __m512 u_lo = _mm512_permutex2var_ps(z0, pair_lo, z1), u_hi = _mm512_permutex2var_ps(z0, pair_hi, z1);
-  const __m512 v_lo = _mm512_permutex2var_ps(z2, pair_lo, z3), v_hi = _mm512_permutex2var_ps(z2, pair_hi, z3);
-  _mm512_storeu_ps(out, _mm512_permutex2var_ps(u_lo, quad_lo, v_lo));
-  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(u_lo, quad_hi, v_lo));
-  _mm512_storeu_ps(out + 32, _mm512_permutex2var_ps(u_hi, quad_lo, v_hi));
-  _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(u_hi, quad_hi, v_hi));
+  philox_multipliers(a, limit, kept, &z[0], &z[1]);
+  philox_multipliers(b, limit, kept, &z[2], &z[3]);
 }
 
-void multipliers_avx512(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out) {
+// out[j] = multiplier (kApply: out[j] *= multiplier) of element start + j, for j < n.
+template <bool kApply>
+__attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
+                                                           float scale, float* out) {
   alignas(64) float batch[64];
+  __m512 z[4];
   int64_t done = 0;
   while (done < n) {
     const int64_t index = start + done, skip = index & 3;
     const int64_t take = std::min<int64_t>(64 - skip, n - done);
+    multipliers64(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, z);
     if (skip == 0 && take == 64) {
-      multipliers64_avx512(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, out + done);
+      for (int q = 0; q < 4; ++q) {
+        float* at = out + done + 16 * q;
+        _mm512_storeu_ps(at, kApply ? _mm512_mul_ps(_mm512_loadu_ps(at), z[q]) : z[q]);
+      }
     } else {
-      multipliers64_avx512(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, batch);
-      std::memcpy(out + done, batch + skip, take * sizeof(float));
+      for (int q = 0; q < 4; ++q) _mm512_store_ps(batch + 16 * q, z[q]);
+      for (int64_t j = 0; j < take; ++j) out[done + j] = kApply ? out[done + j] * batch[skip + j] : batch[skip + j];
     }
     done += take;
   }
@@ -155,9 +165,16 @@ void multipliers_avx512(uint64_t seed, int64_t start, int64_t n, uint32_t thresh
 
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out) {
 #if defined(__x86_64__)
-  if (has_avx512()) return multipliers_avx512(seed, start, n, threshold, scale, out);
+  if (has_avx512()) return multipliers_avx512<false>(seed, start, n, threshold, scale, out);
 #endif
   multipliers_vectorised(seed, start, n, threshold, scale, out);
+}
+
+void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x) {
+#if defined(__x86_64__)
+  if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x);
+#endif
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { x[j] *= word >= threshold ? scale : 0.0f; });
 }
 
 FASTTF_CLONES void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,

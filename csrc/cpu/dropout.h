@@ -11,6 +11,8 @@ namespace cpu {
 
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out);
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out);
+// x[j] *= the multiplier of element start + j (the forward's p * z without a multiplier buffer).
+void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x);
 void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out);
 
 // The multipliers for the acc type of a kernel.
