@@ -37,6 +37,32 @@ def devices():
 ATTENTION_BACKENDS = ["triton"] + (["native"] if not (GPU and not INTERPRET) else [])
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Every call of fasttf's attention kernel, which still runs (strict mode makes each call the
+    kernel): per call a dict of the arguments it was given, by name (query, key, value, attn_mask,
+    is_causal, ...), plus length_q, length_k, heads, heads_kv (from the query's and key's shapes) and
+    weights (True for attention_with_weights, the path that also returns the weights)."""
+    import inspect
+
+    from fasttf.ops import attention as attention_op
+
+    calls = []
+    for name, weights in (("scaled_dot_product_attention", False), ("attention_with_weights", True)):
+        kernel = getattr(attention_op, name)
+
+        def spy(*args, kernel=kernel, weights=weights, **kwargs):
+            call = dict(inspect.signature(kernel).bind(*args, **kwargs).arguments)
+            query, key = call["query"], call["key"]
+            call.update(length_q=query.size(-2), length_k=key.size(-2), heads=query.size(-3) if query.dim() > 2 else 1,
+                        heads_kv=key.size(-3) if key.dim() > 2 else 1, weights=weights)
+            calls.append(call)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(attention_op, name, spy)
+    return calls
+
+
 @pytest.fixture(params=ATTENTION_BACKENDS)
 def attention_backend(request, monkeypatch):
     """Runs the test once per attention kernel; returns the backend's name."""

@@ -26,27 +26,6 @@ VOCAB, LENGTH, BATCH = 48, 8, 2
 TINY = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4)  # head dim 8
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Every call of fasttf's attention (strict mode makes each one the kernel): a dict of Lq, Lk and
-    the keywords the integration passed; `weights` says whether it asked for the weights too."""
-    calls = []
-
-    def spying_on(name, weights):
-        kernel = getattr(fasttf.ops.attention, name)
-
-        def spy(query, key, value, **kwargs):
-            calls.append(dict(kwargs, length_q=query.size(-2), length_k=key.size(-2), heads=query.size(-3),
-                              heads_kv=key.size(-3), weights=weights))
-            return kernel(query, key, value, **kwargs)
-
-        monkeypatch.setattr(fasttf.ops.attention, name, spy)
-
-    spying_on("scaled_dot_product_attention", False)
-    spying_on("attention_with_weights", True)
-    return calls
-
-
 # ----------------------------------------------------------------------------------------------
 # The models: (Auto class, config, inputs); every dropout 0 so that gradients compare
 

@@ -164,21 +164,6 @@ def assert_same_results(ours, theirs, reference=None):
 SWEEP = range(120)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Records the arguments of every call of the attention kernel (which still runs)."""
-    calls = []
-    for name in ("scaled_dot_product_attention", "attention_with_weights"):  # without and with weights
-        kernel = getattr(fasttf.ops.attention, name)
-
-        def spy(*args, kernel=kernel, **kwargs):
-            calls.append(inspect.signature(kernel).bind(*args, **kwargs).arguments)
-            return kernel(*args, **kwargs)
-
-        monkeypatch.setattr(fasttf.ops.attention, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("seed", SWEEP)
 def test_random_configuration_matches_torch(seed, monkeypatch, kernel_calls):
     cfg = random_config(seed)
