@@ -80,6 +80,11 @@ FASTTF_CLONES void multipliers_vectorised(uint64_t seed, int64_t start, int64_t 
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0f; });
 }
 
+FASTTF_CLONES void apply_vectorised(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
+                                    float* x) {
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { x[j] *= word >= threshold ? scale : 0.0f; });
+}
+
 #if defined(__x86_64__)
 #define FASTTF_AVX512 __attribute__((target("avx512f"), always_inline)) inline
 
@@ -174,7 +179,7 @@ void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, 
 #if defined(__x86_64__)
   if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x);
 #endif
-  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { x[j] *= word >= threshold ? scale : 0.0f; });
+  apply_vectorised(seed, start, n, threshold, scale, x);
 }
 
 FASTTF_CLONES void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
