@@ -279,7 +279,12 @@ def main(argv=None) -> int:
         log(rank, f"ddp: parameters identical on all {world_size} processes: {identical}")
         dist.destroy_process_group()
         if rank != 0:
-            return 0 if identical else 1
+            # Leave without the interpreter's teardown: a C++ thread still joinable in a static
+            # destructor there can abort the process ("terminate called without an active exception",
+            # seen once in CI), and torchrun then stops rank 0 before it saves its checkpoint.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if identical else 1)
         if not identical:
             return 1
 
