@@ -1,5 +1,5 @@
 """fasttf's C++ CPU attention kernel (csrc/cpu/attention*.cpp) beyond the tests both kernels share
-(tests/test_attention.py): every dtype, shapes across its 64 x 128 tiles that the interpreter
+(tests/test_attention.py): every dtype, shapes across its tiles (csrc/cpu/attention.h) that the interpreter
 cannot afford, head dims past 256, the attention weights, the mask gradient and the weights'
 gradient against fasttf.reference in float64, thread-count independence, dropout replay, opcheck
 of its ops, and the FASTTF_CPU_ATTENTION switch. No interpreter needed: this is plain C++.
