@@ -147,6 +147,14 @@ void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep);
 void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, float* row, float* z);
 void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, double* row, double* z);
 
+// The backward's row of ds = dL/dscores, from p and dp = dO V^T (+ dW) in place:
+//   without dropout  dp[j] = p[j] (dp[j] - d)
+//   with dropout     pz[j] = p[j] z[j],  dp[j] = p[j] (dp[j] z[j] - d)   (z from dropout_row)
+void softmax_grad_row(const float* p, float* dp, float d, int64_t n);
+void softmax_grad_row(const double* p, double* dp, double d, int64_t n);
+void softmax_grad_row_dropout(const float* p, const float* z, float* pz, float* dp, float d, int64_t n);
+void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n);
+
 // ---- block products: row-major C[m x n] = alpha op(A) op(B) + beta C ----
 template <typename acc_t>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, int64_t lda,

@@ -19,6 +19,7 @@
 // fixed order (reduce_to_mask). Both add in the order (b, h, i, j).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -74,6 +75,8 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
      for (int64_t hk = hk_first; hk < hk_first + task_heads; ++hk) {
       acc_t* dk = g.dk + (b * p.Hkv + hk) * p.S * p.E;
       acc_t* dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
+      std::fill(dk, dk + p.S * p.E, acc_t(0));  // here, not by at::zeros: one pass less, and in cache
+      std::fill(dv, dv + p.S * p.Ev, acc_t(0));
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         for (int64_t i0 = 0; i0 < p.L; i0 += block_m) {
           const int64_t i1 = std::min(i0 + block_m, p.L), rows = i1 - i0, key_end = p.key_end(i1);
@@ -81,6 +84,7 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
           const acc_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
           const acc_t* lse_i = g.lse + (b * p.H + h) * p.L + i0;
           acc_t* dq_i = g.dq + ((b * p.H + h) * p.L + i0) * p.E;
+          std::fill(dq_i, dq_i + rows * p.E, acc_t(0));
           for (int64_t r = 0; r < rows; ++r) {
             const acc_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
             const acc_t* d = do_i + r * g.do_sl;
@@ -134,15 +138,11 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
                 for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
               }
               if (p.dropout.on) {
-                acc_t* pzr = pztile.data() + r * block_n;
                 dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
-                for (int64_t j = 0; j < n; ++j) {
-                  pzr[j] = pr[j] * z[j];
-                  dpr[j] *= z[j];
-                }
+                softmax_grad_row_dropout(pr, z.data(), pztile.data() + r * block_n, dpr, delta[r], n);
+              } else {
+                softmax_grad_row(pr, dpr, delta[r], n);
               }
-              const acc_t d = delta[r];
-              for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - d);
               if (g.dmask_full != nullptr) {
                 std::copy(dpr, dpr + n, g.dmask_full + p.flat(b, h, i0 + r, j0));
               } else if (g.dmask != nullptr) {  // in place, in reduce_to_mask's order
@@ -210,9 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   const auto doa = as_kernel_operand(grad_out), oa = as_kernel_operand(out);
   const auto lsea = lse.to(qa.scalar_type()).contiguous();
   const auto problem = make_problem<acc_t>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed);
-  auto dq = at::zeros({q.size(0), q.size(1), q.size(2), q.size(3)}, qa.options());
-  auto dk = at::zeros({k.size(0), k.size(1), k.size(2), k.size(3)}, qa.options());
-  auto dv = at::zeros({v.size(0), v.size(1), v.size(2), v.size(3)}, qa.options());
+  auto dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, qa.options());  // zeroed by its task
+  auto dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, qa.options());  // zeroed by its task
+  auto dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, qa.options());  // zeroed by its task
   Grads<acc_t> g;
   g.dout = doa.data_ptr<acc_t>(), g.out = oa.data_ptr<acc_t>(), g.lse = lsea.data_ptr<acc_t>();
   g.do_sb = doa.stride(0), g.do_sh = doa.stride(1), g.do_sl = doa.stride(2);

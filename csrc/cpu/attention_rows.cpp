@@ -3,9 +3,11 @@
 // x86-64 and picked when the library loads (FASTTF_CLONES, simd.h); exp-and-sum is written in
 // AVX-512 and AVX2 intrinsics, chosen at run time.
 //
-// exp(x) for x <= 0 (scores minus their row max, or minus lse): x = n ln2 + r, |r| <= ln2 / 2,
-// exp(x) = 2^n * poly(r), the Cephes expf polynomial (about 1 ulp); x below -87 gives 0 (and
-// -inf gives exactly 0, so masked keys carry no weight).
+// exp(x) for x <= 0 (scores minus their row max, or minus lse), in base 2:
+//   t = x * log2(e),  n = round(t),  f = t - n in [-1/2, 1/2],  exp(x) = 2^n * p(f),
+// p a degree-6 fit of 2^f (relative error 7e-8, about 1 ulp, in float32 Horner); t below -125
+// gives 0 (so -inf gives exactly 0: masked keys carry no weight, and no result is subnormal);
+// NaN stays NaN. AVX-512 applies 2^n with vscalefps, the others through the exponent bits.
 // GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*).
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -24,23 +26,22 @@ namespace attention {
 namespace {
 
 // The constants of that exp, shared by the scalar and vector versions.
-constexpr float kExpLow = -87.0f;                             // below: 0
+constexpr float kExp2Low = -125.0f;  // t below: 0
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;  // ln 2 = kLn2High + kLn2Low
-constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExp2Poly[7] = {1.4990888303e-4f, 1.3393083354e-3f, 9.6196737140e-3f, 5.5503472686e-2f,
+                                2.4022637308e-1f, 6.9314718246e-1f, 1.0f};  // highest power first
 
 inline float exp_nonpositive(float x) {
-  const float clamped = x < kExpLow ? kExpLow : x;
-  const float n = std::floor(clamped * kLog2e + 0.5f);
-  const float r = clamped - n * kLn2High - n * kLn2Low;
-  float poly = kExpPoly[0];
-  for (int c = 1; c < 6; ++c) poly = poly * r + kExpPoly[c];
-  const float e = poly * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float t = x * kLog2e;
+  if (!(t >= kExp2Low)) return t != t ? t : 0.0f;  // below the range (or -inf): 0; NaN stays
+  const float n = std::nearbyint(t);
+  const float f = t - n;
+  float poly = kExp2Poly[0];
+  for (int c = 1; c < 7; ++c) poly = poly * f + kExp2Poly[c];
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < kExpLow ? 0.0f : e * two_n;
+  return poly * two_n;
 }
 
 template <typename scalar_t>
@@ -132,25 +133,20 @@ double row_max(const double* x, int64_t n) {
 
 namespace {
 
-// The same exp, eight lanes at a time (AVX2 + FMA): round-to-nearest n, the Cephes polynomial, 2^n
-// from the exponent bits; lanes below -87 give 0.
+// The same exp, eight lanes at a time (AVX2 + FMA); 2^n from the exponent bits.
 __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
-  const __m256 shift = _mm256_set1_ps(m), low = _mm256_set1_ps(kExpLow), log2e = _mm256_set1_ps(kLog2e);
-  const __m256 c1 = _mm256_set1_ps(kLn2High), c2 = _mm256_set1_ps(kLn2Low), one = _mm256_set1_ps(1.0f);
+  const __m256 shift = _mm256_set1_ps(m), low = _mm256_set1_ps(kExp2Low), log2e = _mm256_set1_ps(kLog2e);
   __m256 total = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), shift);
-    const __m256 under = _mm256_cmp_ps(v, low, _CMP_LT_OQ);
-    v = _mm256_max_ps(v, low);
-    const __m256 fn = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fn, c1, v);
-    r = _mm256_fnmadd_ps(fn, c2, r);
-    __m256 poly = _mm256_set1_ps(kExpPoly[0]);
-    for (int c = 1; c < 6; ++c) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(kExpPoly[c]));
-    const __m256 e = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
-    const __m256 result = _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
+    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), shift), log2e);
+    const __m256 under = _mm256_cmp_ps(t, low, _CMP_LT_OQ);  // NaN: not under, stays NaN
+    const __m256 whole = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, whole);
+    __m256 poly = _mm256_set1_ps(kExp2Poly[0]);
+    for (int c = 1; c < 7; ++c) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2Poly[c]));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
+    const __m256 result = _mm256_andnot_ps(under, _mm256_mul_ps(poly, _mm256_castsi256_ps(bits)));
     _mm256_storeu_ps(x + j, result);
     total = _mm256_add_ps(total, result);
   }
@@ -164,24 +160,19 @@ __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n
   return sum;
 }
 
-// The same, sixteen lanes (AVX-512); the row's tail through lane masks.
+// The same, sixteen lanes (AVX-512); 2^n by vscalefps; the row's tail through lane masks.
 __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t n, float m) {
-  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExpLow), log2e = _mm512_set1_ps(kLog2e);
-  const __m512 c1 = _mm512_set1_ps(kLn2High), c2 = _mm512_set1_ps(kLn2Low), one = _mm512_set1_ps(1.0f);
+  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExp2Low), log2e = _mm512_set1_ps(kLog2e);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
-    __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift);
-    const __mmask16 kept = _mm512_kandn(_mm512_cmp_ps_mask(v, low, _CMP_LT_OQ), lanes);
-    v = _mm512_max_ps(v, low);
-    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(fn, c1, v);
-    r = _mm512_fnmadd_ps(fn, c2, r);
-    __m512 poly = _mm512_set1_ps(kExpPoly[0]);
-    for (int c = 1; c < 6; ++c) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[c]));
-    const __m512 e = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fn), _mm512_set1_epi32(127)), 23);
-    const __m512 result = _mm512_maskz_mul_ps(kept, e, _mm512_castsi512_ps(bits));
+    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift), log2e);
+    const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, t, low, _CMP_NLT_UQ);  // NaN: kept, stays NaN
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, whole);
+    __m512 poly = _mm512_set1_ps(kExp2Poly[0]);
+    for (int c = 1; c < 7; ++c) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2Poly[c]));
+    const __m512 result = _mm512_maskz_scalef_ps(kept, poly, whole);
     _mm512_mask_storeu_ps(x + j, lanes, result);
     total = _mm512_add_ps(total, result);
   }
@@ -209,6 +200,38 @@ double exp_shift_sum(double* x, int64_t n, double m) {
     sum += e;
   }
   return sum;
+}
+
+namespace {
+
+template <typename T>
+inline void softmax_grad_row_impl(const T* p, T* dp, T d, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+}
+
+template <typename T>
+inline void softmax_grad_row_dropout_impl(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    pz[j] = p[j] * z[j];
+    dp[j] = p[j] * (dp[j] * z[j] - d);
+  }
+}
+
+}  // namespace
+
+FASTTF_CLONES void softmax_grad_row(const float* p, float* dp, float d, int64_t n) {
+  softmax_grad_row_impl(p, dp, d, n);
+}
+
+void softmax_grad_row(const double* p, double* dp, double d, int64_t n) { softmax_grad_row_impl(p, dp, d, n); }
+
+FASTTF_CLONES void softmax_grad_row_dropout(const float* p, const float* z, float* pz, float* dp, float d,
+                                            int64_t n) {
+  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
+}
+
+void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n) {
+  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
 }
 
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {
