@@ -58,7 +58,7 @@ template <typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
   const acc_t dw_scale = g.dw_averaged ? acc_t(1) / static_cast<acc_t>(p.H) : acc_t(1);
   const Tiles tiles = backward_tiles(p.causal, p.L);
-  // no larger than the problem: small calls allocate (and zero) small tile buffers
+  // no larger than the problem: small calls allocate small tile buffers
   const int64_t block_m = std::max<int64_t>(1, std::min(tiles.m, p.L));
   const int64_t block_n = std::max<int64_t>(1, std::min(tiles.n, p.S));
   // A task owns every batch (kv head) when the mask gradient is added in place and the mask is
@@ -66,7 +66,8 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
   const int64_t task_batches = g.fold_batches ? p.N : 1, task_heads = g.fold_heads ? p.Hkv : 1;
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    std::vector<acc_t> ptile(block_m * block_n), dptile(block_m * block_n), pztile(block_m * block_n);
+    const auto ptile = scratch<acc_t>(block_m * block_n), dptile = scratch<acc_t>(block_m * block_n);
+    const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * block_n : 0);
     std::vector<acc_t> z(block_n), delta(block_m);
     for (int64_t task = begin; task < end; ++task) {
      const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
@@ -96,9 +97,9 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
           auto probabilities = [&](int64_t j0, int64_t n) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
             gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl,
-                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.data() + r0 * block_n, block_n);
+                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* row = ptile.data() + r * block_n;
+              acc_t* row = ptile.get() + r * block_n;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
                 std::fill(row, row + n, acc_t(0));
                 continue;
@@ -113,7 +114,7 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
               const int64_t n = std::min(j0 + block_n, key_end) - j0;
               const int64_t r0 = probabilities(j0, n);
               for (int64_t r = r0; r < rows; ++r) {
-                const acc_t* row = ptile.data() + r * block_n;
+                const acc_t* row = ptile.get() + r * block_n;
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 if (p.dropout.on) dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
                 acc_t sum = 0;
@@ -125,21 +126,21 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
           for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
             const int64_t n = std::min(j0 + block_n, key_end) - j0;
             const int64_t r0 = probabilities(j0, n), m = rows - r0;
-            acc_t* dp = dptile.data() + r0 * block_n;
+            acc_t* dp = dptile.get() + r0 * block_n;
             gemm<acc_t>(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
                         acc_t(0), dp, block_n);
-            const acc_t* pz = ptile.data() + r0 * block_n;
-            if (p.dropout.on) pz = pztile.data() + r0 * block_n;
+            const acc_t* pz = ptile.get() + r0 * block_n;
+            if (p.dropout.on) pz = pztile.get() + r0 * block_n;
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* pr = ptile.data() + r * block_n;
-              acc_t* dpr = dptile.data() + r * block_n;
+              acc_t* pr = ptile.get() + r * block_n;
+              acc_t* dpr = dptile.get() + r * block_n;
               if (g.dw != nullptr) {
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
               }
               if (p.dropout.on) {
                 dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
-                softmax_grad_row_dropout(pr, z.data(), pztile.data() + r * block_n, dpr, delta[r], n);
+                softmax_grad_row_dropout(pr, z.data(), pztile.get() + r * block_n, dpr, delta[r], n);
               } else {
                 softmax_grad_row(pr, dpr, delta[r], n);
               }
@@ -148,7 +149,7 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
               } else if (g.dmask != nullptr) {  // in place, in reduce_to_mask's order
                 acc_t* dst = g.dmask + b * g.dm_sb + h * g.dm_sh + (i0 + r) * g.dm_sl + j0 * g.dm_ss;
                 if (g.dm_ss != 0) {
-                  for (int64_t j = 0; j < n; ++j) dst[j] += dpr[j];
+                  accumulate_row(dst, dpr, n);
                 } else {
                   acc_t sum = 0;
                   for (int64_t j = 0; j < n; ++j) sum += dpr[j];

@@ -24,14 +24,15 @@ namespace {
 template <typename acc_t>
 void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
   const Tiles tiles = forward_tiles(p.causal, p.L);
-  // no larger than the problem: small calls allocate (and zero) small tile buffers
+  // no larger than the problem: small calls allocate small tile buffers
   const int64_t block_m = std::max<int64_t>(1, std::min(tiles.m, p.L));
   const int64_t block_n = std::max<int64_t>(1, std::min(tiles.n, p.S));
   const int64_t blocks_m = (p.L + block_m - 1) / block_m;
   const int64_t tasks = p.N * p.H * blocks_m;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    std::vector<acc_t> scores(block_m * block_n), acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
+    const auto scores = scratch<acc_t>(block_m * block_n);
+    std::vector<acc_t> acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
       const int64_t i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L), rows = i1 - i0;
@@ -42,11 +43,11 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
       for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
         const int64_t n = std::min(j0 + block_n, key_end) - j0;
         const int64_t r0 = p.row_start(i0, j0) - i0;
-        acc_t* s = scores.data() + r0 * block_n;
+        acc_t* s = scores.get() + r0 * block_n;
         gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
                     p.k_sl, acc_t(0), s, block_n);
         for (int64_t r = r0; r < rows; ++r) {
-          acc_t* row = scores.data() + r * block_n;
+          acc_t* row = scores.get() + r * block_n;
           const int64_t i = i0 + r;
           add_bias(row, n, p.mask, b, h, i, j0, p.causal);
           const acc_t m_new = std::max(m[r], row_max(row, n));
@@ -58,10 +59,7 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
           const acc_t sum = exp_shift_sum(row, n, m_new);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* a = acc.data() + r * p.Ev;
-            for (int64_t e = 0; e < p.Ev; ++e) a[e] *= alpha;
-          }
+          if (alpha != acc_t(1)) scale_row(acc.data() + r * p.Ev, alpha, p.Ev);
           if (p.dropout.on) {
             apply_dropout(p.dropout, p.flat(b, h, i, j0), n, row, z.data());
           }
