@@ -299,6 +299,18 @@ def _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 # The public function
 
 
+def _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tuple[float, bool]:
+    """The prologue of both entry points: argument checks, the default scale 1/sqrt(E), and
+    whether this call falls back to plain torch (warned, or raised under FASTTF_STRICT=1)."""
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    reason = _fallback_reason(query, value)
+    if reason is not None:
+        fall_back(OP, reason)
+    return scale, reason is not None
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -309,12 +321,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
     query, key, value and a float attn_mask (its gradient summed over the dims it was broadcast along).
     """
-    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    reason = _fallback_reason(query, value)
-    if reason is not None:
-        fall_back(OP, reason)
+    scale, fallback = _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if fallback:
         return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     batched = query.dim() == 4
@@ -355,14 +363,10 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     weights (N, L, S) averaged over the heads, else (N, H, L, S), in query's dtype, written by a
     kernel from the saved log-sum-exp (nothing L x S is saved for backward). Both are
     differentiable; gradients flow through the weights into query, key and a float mask."""
-    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
-    if query.dim() != 4:
+    if isinstance(query, Tensor) and query.dim() != 4:
         raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    reason = _fallback_reason(query, value)
-    if reason is not None:
-        fall_back(OP, reason)
+    scale, fallback = _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if fallback:
         return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
     return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
