@@ -118,12 +118,36 @@ void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h,
 template void add_bias<float>(float*, int64_t, const MaskView&, int64_t, int64_t, int64_t, int64_t, bool);
 template void add_bias<double>(double*, int64_t, const MaskView&, int64_t, int64_t, int64_t, int64_t, bool);
 
-FASTTF_CLONES float row_max(const float* x, int64_t n) {
+namespace {
+
+// The max of a row (NaN ignored), four vector accumulators so the loop runs at load speed, not
+// at vmaxps latency (one accumulator: 4 values a cycle, 3% of the forward at L=1024).
+__attribute__((target("avx512f"))) float row_max_avx512(const float* x, int64_t n) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(x + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), m1);
+    m2 = _mm512_max_ps(_mm512_loadu_ps(x + j + 32), m2);
+    m3 = _mm512_max_ps(_mm512_loadu_ps(x + j + 48), m3);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+    m0 = _mm512_max_ps(_mm512_mask_loadu_ps(lowest, lanes, x + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+
+FASTTF_CLONES float row_max_plain(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
+
+}  // namespace
+
+float row_max(const float* x, int64_t n) { return has_avx512() ? row_max_avx512(x, n) : row_max_plain(x, n); }
 
 double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
