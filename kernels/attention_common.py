@@ -196,9 +196,10 @@ def load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_K
     if MASK_KIND == 2:
         # finite values clamped to FLOAT_BIAS_FLOOR first, so that a very negative bias (torch's
         # finfo.min "masking") stays finite in log2 units instead of overflowing to -inf: a row
-        # biased that way everywhere attends uniformly, as in torch; -inf stays -inf (masked)
+        # biased that way everywhere attends uniformly, as in torch; -inf stays -inf (masked) and
+        # NaN stays NaN (its row comes out NaN, as in torch: a maximum would have hidden it)
         bias = tl.load(ptrs, mask=in_range, other=0.0).to(tl.float32)
-        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FLOAT_BIAS_FLOOR))
+        bias = tl.where((bias < FLOAT_BIAS_FLOOR) & (bias != float("-inf")), FLOAT_BIAS_FLOOR, bias)
         return bias * 1.4426950408889634
     else:
         return tl.load(ptrs, mask=in_range, other=0) != 0

@@ -11,7 +11,7 @@
   other than 1 (torch's singleton head dim test), a mask with arbitrary strides, float16 scores
   large enough to overflow a careless backward (flash-attention's bwd overflow test).
 - A float mask of finfo.min (transformers' way of masking) attends like torch: uniformly where a
-  whole row carries it, on both kernels.
+  whole row carries it, on both kernels; a NaN in it makes its row NaN, as in torch.
 """
 
 import math
@@ -246,3 +246,19 @@ def test_float_mask_of_finfo_min_attends_uniformly_like_torch(dtype, attention_b
     for name, mine, torchs, exact in zip(("out", "dq", "dk", "dv"), ours, theirs, reference_result):
         assert torch.isfinite(mine).all(), name
         assert_close_to_reference(mine, exact, torchs, name=name)
+
+
+def test_nan_in_a_float_mask_poisons_its_row_like_torch(attention_backend):
+    """A NaN score (here from the mask) makes its row NaN in torch; the native kernel's exp once
+    clamped NaN to a tiny weight and returned a finite, wrong row. Other rows stay finite."""
+    generator = torch.Generator().manual_seed(6)
+    device = kernel_device()
+    query, key, value = (torch.randn(1, 2, 5, 16, generator=generator).to(device) for _ in range(3))
+    mask = torch.zeros(5, 5, device=device)
+    mask[2, 1] = float("nan")
+    ours = fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    theirs = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    assert torch.isnan(theirs[:, :, 2]).all()  # torch's semantics, which the kernels follow
+    assert torch.isnan(ours[:, :, 2]).all()
+    rows = [0, 1, 3, 4]
+    torch.testing.assert_close(ours[:, :, rows], theirs[:, :, rows], rtol=1e-5, atol=1e-5)
