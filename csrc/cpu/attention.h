@@ -156,12 +156,6 @@ void softmax_grad_row(const double* p, double* dp, double d, int64_t n);
 void softmax_grad_row_dropout(const float* p, const float* z, float* pz, float* dp, float d, int64_t n);
 void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n);
 
-// a[j] *= alpha (the forward's output rows when the running max moves); dst[j] += src[j].
-void scale_row(float* a, float alpha, int64_t n);
-void scale_row(double* a, double alpha, int64_t n);
-void accumulate_row(float* dst, const float* src, int64_t n);
-void accumulate_row(double* dst, const double* src, int64_t n);
-
 // n values of scratch left uninitialised (tiles that a block product writes before any read):
 // zeroing them cost a pass over up to 512 KiB a call.
 template <typename T>

@@ -26,6 +26,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "attention.h"
+#include "row_math.h"
 
 namespace fasttf {
 namespace cpu {
@@ -149,7 +150,7 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
               } else if (g.dmask != nullptr) {  // in place, in reduce_to_mask's order
                 acc_t* dst = g.dmask + b * g.dm_sb + h * g.dm_sh + (i0 + r) * g.dm_sl + j0 * g.dm_ss;
                 if (g.dm_ss != 0) {
-                  accumulate_row(dst, dpr, n);
+                  add_rows(dpr, dst, static_cast<const acc_t*>(nullptr), dst, n);  // dst += ds
                 } else {
                   acc_t sum = 0;
                   for (int64_t j = 0; j < n; ++j) sum += dpr[j];

@@ -15,6 +15,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "attention.h"
+#include "row_math.h"
 
 namespace fasttf {
 namespace cpu {
@@ -59,7 +60,10 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
           const acc_t sum = exp_shift_sum(row, n, m_new);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          if (alpha != acc_t(1)) scale_row(acc.data() + r * p.Ev, alpha, p.Ev);
+          if (alpha != acc_t(1)) {  // acc_r *= alpha
+            acc_t* a = acc.data() + r * p.Ev;
+            scale_add_rows(a, alpha, static_cast<const acc_t*>(nullptr), a, p.Ev);
+          }
           if (p.dropout.on) {
             apply_dropout(p.dropout, p.flat(b, h, i, j0), n, row, z.data());
           }

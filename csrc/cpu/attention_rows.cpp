@@ -243,22 +243,6 @@ inline void softmax_grad_row_dropout_impl(const T* p, const T* z, T* pz, T* dp, 
 
 }  // namespace
 
-FASTTF_CLONES void scale_row(float* a, float alpha, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) a[j] *= alpha;
-}
-
-void scale_row(double* a, double alpha, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) a[j] *= alpha;
-}
-
-FASTTF_CLONES void accumulate_row(float* dst, const float* src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-}
-
-void accumulate_row(double* dst, const double* src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-}
-
 FASTTF_CLONES void softmax_grad_row(const float* p, float* dp, float d, int64_t n) {
   softmax_grad_row_impl(p, dp, d, n);
 }
