@@ -299,10 +299,9 @@ def _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 # The public function
 
 
-def _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tuple[float, bool]:
-    """The prologue of both entry points: argument checks, the default scale 1/sqrt(E), and
-    whether this call falls back to plain torch (warned, or raised under FASTTF_STRICT=1)."""
-    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+def _scale_and_fallback(query, value, scale) -> tuple[float, bool]:
+    """After the argument checks, for both entry points: the scale (default 1/sqrt(E)) and whether
+    this call falls back to plain torch (warned, or raised under FASTTF_STRICT=1)."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     reason = _fallback_reason(query, value)
@@ -321,7 +320,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
     query, key, value and a float attn_mask (its gradient summed over the dims it was broadcast along).
     """
-    scale, fallback = _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    scale, fallback = _scale_and_fallback(query, value, scale)
     if fallback:
         return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
@@ -363,9 +363,10 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     weights (N, L, S) averaged over the heads, else (N, H, L, S), in query's dtype, written by a
     kernel from the saved log-sum-exp (nothing L x S is saved for backward). Both are
     differentiable; gradients flow through the weights into query, key and a float mask."""
-    if isinstance(query, Tensor) and query.dim() != 4:
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if query.dim() != 4:
         raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
-    scale, fallback = _checked_call(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    scale, fallback = _scale_and_fallback(query, value, scale)
     if fallback:
         return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
