@@ -5,9 +5,10 @@
 // values are widened and rounded back (round to nearest even, as c10::BFloat16/c10::Half do)
 // in vector registers, so no pass converts a row into a buffer first.
 //
-// Written with GCC vector extensions (64-byte vectors: 16 floats) in functions compiled for
-// AVX-512, AVX2 and plain x86-64 (target_clones, picked when the library loads); reductions keep
-// four vector accumulators so they run at load throughput, not at add latency. ATen's own AVX2/
+// Written with GCC vector extensions, once per vector width: 64 bytes (16 floats) compiled for
+// AVX-512, 32 for AVX2 and 16 for plain x86-64, picked at run time (FASTTF_CPU_ISA forces a lower
+// one, simd.h); reductions keep four vector accumulators so they run at load throughput, not at
+// add latency. ATen's own AVX2/
 // AVX-512 at::vec::Vectorized needs Sleef headers the torch wheel does not ship, so an extension
 // only gets its portable flavour.
 #pragma once

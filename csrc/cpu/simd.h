@@ -18,8 +18,9 @@ namespace fasttf {
 namespace cpu {
 
 #if defined(__x86_64__)
-// FASTTF_CPU_ISA=avx2 or =generic, read once, turns the hand-written AVX-512 (and AVX2) paths off,
-// so the tests run the fallbacks on a machine that has more (tests/test_cpu_isa_fallbacks.py).
+// FASTTF_CPU_ISA=avx2 or =generic, read once, turns the hand-written AVX-512 (and AVX2) paths and
+// row_math's wider vectors off, so the tests run the fallbacks on a machine that has more
+// (tests/test_cpu_isa_fallbacks.py).
 inline int isa_limit() {
   static const int limit = [] {
     const char* isa = std::getenv("FASTTF_CPU_ISA");
