@@ -42,6 +42,11 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 200
 # On a GPU a round lasts at least this long (k calls, one sync), so the sync is a small fraction.
 MIN_ROUND_S = 1e-3 if ON_GPU else 0.0
 WARMUP_CALLS = 3 if ON_GPU else 0  # beyond the first call (call_or_skip) and the calibration call
+# On the CPU, warm-up calls go on for this long (at most MAX_WARMUP_CALLS): glibc's heap takes ~20
+# calls to settle around fresh 64 MiB outputs (each call page-faulting until then, 2.5x slower),
+# and 0 warm-up calls timed positional_encoding at (8, 512, 4096) at 29 ms median against 12 ms.
+WARMUP_S = 0.0 if ON_GPU else float(os.environ.get("FASTTF_BENCH_WARMUP_S", "0.5"))
+MAX_WARMUP_CALLS = 50
 
 
 def interpreter_active() -> bool:
@@ -158,8 +163,10 @@ def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, f
     call_or_skip(fn, impl)  # the first call: compile, autotune, or skip when unavailable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback warning, once per process, is not a result
-        for _ in range(WARMUP_CALLS):
+        warm_until, calls = time.perf_counter() + WARMUP_S, 0
+        while calls < WARMUP_CALLS or (time.perf_counter() < warm_until and calls < MAX_WARMUP_CALLS):
             fn()
+            calls += 1
         synchronize()
         start = time.perf_counter()
         fn()
