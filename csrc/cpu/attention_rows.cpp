@@ -1,6 +1,6 @@
 // The attention kernels' row passes over one tile row: mask bias, max, exp-and-sum, dropout
 // multipliers (from dropout.cpp's Philox). The plain loops are compiled for AVX-512, AVX2 and
-// x86-64 and picked when the library loads (FASTTF_CLONES, simd.h); exp-and-sum is written in
+// x86-64 and picked at run time (FASTTF_PER_ISA, simd.h); exp-and-sum is written in
 // AVX-512 and AVX2 intrinsics, chosen at run time.
 //
 // exp(x) for x <= 0 (scores minus their row max, or minus lse), in base 2:
@@ -50,19 +50,21 @@ inline float mask_value(const void* data, int64_t offset) {
 }
 
 // row[j] = keep[j] ? row[j] : -inf.
-FASTTF_CLONES void mask_row(float* row, const bool* keep, int64_t n) {
+FASTTF_BODY void mask_row_body(float* row, const bool* keep, int64_t n) {
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(keep);
   for (int64_t j = 0; j < n; ++j) row[j] = bytes[j] != 0 ? row[j] : -std::numeric_limits<float>::infinity();
 }
+FASTTF_PER_ISA(void, mask_row, (float* row, const bool* keep, int64_t n), (row, keep, n))
 
 void mask_row(double* row, const bool* keep, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] : -std::numeric_limits<double>::infinity();
 }
 
 // row[j] += bias[j].
-FASTTF_CLONES void add_row(float* row, const float* bias, int64_t n) {
+FASTTF_BODY void add_row_body(float* row, const float* bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
 }
+FASTTF_PER_ISA(void, add_row, (float* row, const float* bias, int64_t n), (row, bias, n))
 
 void add_row(double* row, const float* bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] += static_cast<double>(bias[j]);
@@ -139,11 +141,12 @@ __attribute__((target("avx512f"))) float row_max_avx512(const float* x, int64_t 
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
-FASTTF_CLONES float row_max_plain(const float* x, int64_t n) {
+FASTTF_BODY float row_max_plain_body(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
+FASTTF_PER_ISA(float, row_max_plain, (const float* x, int64_t n), (x, n))
 
 }  // namespace
 
@@ -229,30 +232,34 @@ double exp_shift_sum(double* x, int64_t n, double m) {
 namespace {
 
 template <typename T>
-inline void softmax_grad_row_impl(const T* p, T* dp, T d, int64_t n) {
+FASTTF_BODY void softmax_grad_row_impl(const T* p, T* dp, T d, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }
 
 template <typename T>
-inline void softmax_grad_row_dropout_impl(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
+FASTTF_BODY void softmax_grad_row_dropout_impl(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     pz[j] = p[j] * z[j];
     dp[j] = p[j] * (dp[j] * z[j] - d);
   }
 }
 
-}  // namespace
-
-FASTTF_CLONES void softmax_grad_row(const float* p, float* dp, float d, int64_t n) {
+FASTTF_BODY void softmax_grad_row_body(const float* p, float* dp, float d, int64_t n) {
   softmax_grad_row_impl(p, dp, d, n);
 }
+FASTTF_BODY void softmax_grad_row_dropout_body(const float* p, const float* z, float* pz, float* dp, float d,
+                                               int64_t n) {
+  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
+}
+
+}  // namespace
+
+FASTTF_PER_ISA(void, softmax_grad_row, (const float* p, float* dp, float d, int64_t n), (p, dp, d, n))
 
 void softmax_grad_row(const double* p, double* dp, double d, int64_t n) { softmax_grad_row_impl(p, dp, d, n); }
 
-FASTTF_CLONES void softmax_grad_row_dropout(const float* p, const float* z, float* pz, float* dp, float d,
-                                            int64_t n) {
-  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
-}
+FASTTF_PER_ISA(void, softmax_grad_row_dropout,
+               (const float* p, const float* z, float* pz, float* dp, float d, int64_t n), (p, z, pz, dp, d, n))
 
 void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n) {
   softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);

@@ -1,7 +1,7 @@
 // Dropout multipliers and keep masks from Philox4x32-10 (see ../philox.h and dropout.h).
 //
 // Two generators of the same words: 64 independent blocks in plain loops the compiler vectorises
-// (FASTTF_CLONES), and on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see
+// (FASTTF_PER_ISA), and on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see
 // PhiloxLanes), the keep bits compared in registers and interleaved back into element order
 // (element 4 t + w is word w of block t) with one two-source permute per 16 elements.
 #include "dropout.h"
@@ -75,15 +75,34 @@ __attribute__((always_inline)) inline void for_each_word(uint64_t seed, int64_t 
   }
 }
 
-FASTTF_CLONES void multipliers_vectorised(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
-                                          float* out) {
+FASTTF_BODY void multipliers_vectorised_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
+                                             float scale, float* out) {
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0f; });
 }
+FASTTF_PER_ISA(void, multipliers_vectorised,
+               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out),
+               (seed, start, n, threshold, scale, out))
 
-FASTTF_CLONES void apply_vectorised(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
-                                    float* x) {
+FASTTF_BODY void apply_vectorised_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
+                                       float* x) {
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { x[j] *= word >= threshold ? scale : 0.0f; });
 }
+FASTTF_PER_ISA(void, apply_vectorised, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x),
+               (seed, start, n, threshold, scale, x))
+
+FASTTF_BODY void multipliers_double_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
+                                         double* out) {
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0; });
+}
+FASTTF_PER_ISA(void, multipliers_double,
+               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out),
+               (seed, start, n, threshold, scale, out))
+
+FASTTF_BODY void keep_bytes_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold; });
+}
+FASTTF_PER_ISA(void, keep_bytes, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out),
+               (seed, start, n, threshold, out))
 
 #if defined(__x86_64__)
 #define FASTTF_AVX512 __attribute__((target("avx512f"), always_inline)) inline
@@ -182,13 +201,12 @@ void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, 
   apply_vectorised(seed, start, n, threshold, scale, x);
 }
 
-FASTTF_CLONES void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
-                                       double* out) {
-  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0; });
+void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out) {
+  multipliers_double(seed, start, n, threshold, scale, out);
 }
 
-FASTTF_CLONES void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
-  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold; });
+void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
+  keep_bytes(seed, start, n, threshold, out);
 }
 
 }  // namespace cpu

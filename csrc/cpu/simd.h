@@ -1,18 +1,16 @@
 // What the CPU kernels compile per x86 level, and which level this CPU has.
 //
-// FASTTF_CLONES: a function compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and plain x86-64,
-// the best clone picked when the library loads (GCC target_clones): for loops the compiler
-// vectorises. Hand-written intrinsics instead carry target("...") attributes and are chosen at
-// run time with has_avx2_fma() / has_avx512().
+// FASTTF_PER_ISA(ret, name, params, args): `ret name params` runs the always-inline
+// `name##_body args` (declared FASTTF_BODY) compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) or
+// plain x86-64, whichever this CPU has (has_avx512() / has_avx2_fma(), so FASTTF_CPU_ISA reaches
+// it): for loops the compiler vectorises. Hand-written intrinsics instead carry target("...")
+// attributes and are chosen at run time the same way. (GCC's target_clones picked at load time,
+// which FASTTF_CPU_ISA could not reach: the tests' AVX2 runs still ran AVX-512 loops.)
 #pragma once
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTTF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTTF_CLONES
-#endif
+#define FASTTF_BODY __attribute__((always_inline)) inline
 
 namespace fasttf {
 namespace cpu {
@@ -42,6 +40,23 @@ inline bool has_avx512() {
 #else
 inline bool has_avx2_fma() { return false; }
 inline bool has_avx512() { return false; }
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTTF_PER_ISA(ret, name, params, args)                                                   \
+  namespace {                                                                                     \
+  __attribute__((target("arch=x86-64-v4"))) ret name##_avx512 params { return name##_body args; } \
+  __attribute__((target("arch=x86-64-v3"))) ret name##_avx2 params { return name##_body args; }   \
+  ret name##_x86_64 params { return name##_body args; }                                           \
+  }                                                                                               \
+  ret name params {                                                                               \
+    if (has_avx512()) return name##_avx512 args;                                                  \
+    if (has_avx2_fma()) return name##_avx2 args;                                                  \
+    return name##_x86_64 args;                                                                    \
+  }
+#else
+#define FASTTF_PER_ISA(ret, name, params, args) \
+  ret name params { return name##_body args; }
 #endif
 
 }  // namespace cpu
