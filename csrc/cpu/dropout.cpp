@@ -1,9 +1,10 @@
 // Dropout multipliers and keep masks from Philox4x32-10 (see ../philox.h and dropout.h).
 //
-// Two generators of the same words: 64 independent blocks in plain loops the compiler vectorises
-// (FASTTF_PER_ISA), and on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see
-// PhiloxLanes), the keep bits compared in registers and interleaved back into element order
-// (element 4 t + w is word w of block t) with one two-source permute per 16 elements.
+// Three generators of the same words: 64 independent blocks in plain loops the compiler vectorises
+// (FASTTF_PER_ISA; the double multipliers and keep bytes, and float on CPUs without AVX2), and for
+// float multipliers on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see PhiloxLanes),
+// on AVX2 eight blocks as two sets of four, the keep bits compared in registers and interleaved
+// back into element order (element 4 t + w is word w of block t).
 #include "dropout.h"
 
 // GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*).
@@ -183,6 +184,85 @@ __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_
     done += take;
   }
 }
+
+// The same on AVX2: four blocks a register (64-bit lanes, words in the low halves as above), two
+// independent sets; AVX2 has no unsigned compare, so word >= limit is max(word, limit) == word.
+#define FASTTF_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+struct PhiloxLanes4 {
+  __m256i c0, c1, c2, c3;
+};
+
+FASTTF_AVX2 PhiloxLanes4 philox_start4(uint64_t first_block) {
+  const __m256i block = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(first_block)),
+                                         _mm256_setr_epi64x(0, 1, 2, 3));
+  return {block, _mm256_srli_epi64(block, 32), _mm256_setzero_si256(), _mm256_setzero_si256()};
+}
+
+FASTTF_AVX2 void philox_round4(PhiloxLanes4& x, __m256i k0, __m256i k1) {
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53), m1 = _mm256_set1_epi64x(0xCD9E8D57);
+  const __m256i p0 = _mm256_mul_epu32(x.c0, m0), p1 = _mm256_mul_epu32(x.c2, m1);
+  x.c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), x.c1), k0);
+  x.c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x.c3), k1);
+  x.c1 = p1;
+  x.c3 = p0;
+}
+
+// The 16 multipliers of those four blocks in element order: (w0, w1) and (w2, w3) paired in 64-bit
+// lanes, then blocks 0-1 and 2-3 gathered from the two registers' 128-bit halves.
+FASTTF_AVX2 void philox_multipliers4(const PhiloxLanes4& x, __m256i limit, __m256 kept, __m256* first,
+                                     __m256* second) {
+  const __m256i w01 = _mm256_blend_epi32(x.c0, _mm256_slli_epi64(x.c1, 32), 0xAA);
+  const __m256i w23 = _mm256_blend_epi32(x.c2, _mm256_slli_epi64(x.c3, 32), 0xAA);
+  const __m256i even = _mm256_unpacklo_epi64(w01, w23), odd = _mm256_unpackhi_epi64(w01, w23);
+  const __m256i lo = _mm256_permute2x128_si256(even, odd, 0x20), hi = _mm256_permute2x128_si256(even, odd, 0x31);
+  const __m256i keep_lo = _mm256_cmpeq_epi32(_mm256_max_epu32(lo, limit), lo);
+  const __m256i keep_hi = _mm256_cmpeq_epi32(_mm256_max_epu32(hi, limit), hi);
+  *first = _mm256_and_ps(_mm256_castsi256_ps(keep_lo), kept);
+  *second = _mm256_and_ps(_mm256_castsi256_ps(keep_hi), kept);
+}
+
+// z[0..31]: the multipliers of elements 4 first_block ... 4 first_block + 31.
+FASTTF_AVX2 void multipliers32(uint64_t seed, uint64_t first_block, uint32_t threshold, float scale, __m256 z[4]) {
+  PhiloxLanes4 a = philox_start4(first_block), b = philox_start4(first_block + 4);
+  __m256i k0 = _mm256_set1_epi64x(static_cast<uint32_t>(seed)), k1 = _mm256_set1_epi64x(static_cast<uint32_t>(seed >> 32));
+  const __m256i w0 = _mm256_set1_epi64x(0x9E3779B9), w1 = _mm256_set1_epi64x(0xBB67AE85);
+  for (int round = 0; round < 10; ++round) {
+    philox_round4(a, k0, k1);
+    philox_round4(b, k0, k1);
+    k0 = _mm256_add_epi32(k0, w0);
+    k1 = _mm256_add_epi32(k1, w1);
+  }
+  const __m256i limit = _mm256_set1_epi32(static_cast<int>(threshold));
+  const __m256 kept = _mm256_set1_ps(scale);
+  philox_multipliers4(a, limit, kept, &z[0], &z[1]);
+  philox_multipliers4(b, limit, kept, &z[2], &z[3]);
+}
+
+// multipliers_avx512's loop at AVX2 width (a shared template cannot hold both: GCC refuses to inline
+// target-specific intrinsics into a function, or a lambda, compiled for another target).
+template <bool kApply>
+__attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
+                                                      float scale, float* out) {
+  alignas(32) float batch[32];
+  __m256 z[4];
+  int64_t done = 0;
+  while (done < n) {
+    const int64_t index = start + done, skip = index & 3;
+    const int64_t take = std::min<int64_t>(32 - skip, n - done);
+    multipliers32(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, z);
+    if (skip == 0 && take == 32) {
+      for (int q = 0; q < 4; ++q) {
+        float* at = out + done + 8 * q;
+        _mm256_storeu_ps(at, kApply ? _mm256_mul_ps(_mm256_loadu_ps(at), z[q]) : z[q]);
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) _mm256_store_ps(batch + 8 * q, z[q]);
+      for (int64_t j = 0; j < take; ++j) out[done + j] = kApply ? out[done + j] * batch[skip + j] : batch[skip + j];
+    }
+    done += take;
+  }
+}
 #endif
 
 }  // namespace
@@ -190,6 +270,7 @@ __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out) {
 #if defined(__x86_64__)
   if (has_avx512()) return multipliers_avx512<false>(seed, start, n, threshold, scale, out);
+  if (has_avx2_fma()) return multipliers_avx2<false>(seed, start, n, threshold, scale, out);
 #endif
   multipliers_vectorised(seed, start, n, threshold, scale, out);
 }
@@ -197,6 +278,7 @@ void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t thres
 void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x) {
 #if defined(__x86_64__)
   if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x);
+  if (has_avx2_fma()) return multipliers_avx2<true>(seed, start, n, threshold, scale, x);
 #endif
   apply_vectorised(seed, start, n, threshold, scale, x);
 }
