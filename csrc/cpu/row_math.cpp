@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <utility>
 
 #include "simd.h"
 
@@ -51,9 +52,20 @@ template <int W>
 using U16 = typename Bits<W>::u16;
 
 // bfloat16 <-> float: the top half of the float's bits; rounding to nearest even, NaN -> 0x7FC0.
+// (each bfloat16 placed in the high half of a 32-bit lane by interleaving it with zeros: one
+// unpack per 128 bits, where a widening convert then a shift took twice the instructions on AVX2)
+template <int W, size_t... I>
+FASTTF_INLINE Vec<float, W> bf16_interleave(U16<W> h, std::index_sequence<I...>) {
+  constexpr size_t kLanes16 = W / 4;  // bfloat16 values in h
+  const U16<W> zero{};
+  typedef uint16_t Wide __attribute__((vector_size(W)));
+  const Wide wide = __builtin_shufflevector(zero, h, (I % 2 == 0 ? I / 2 : kLanes16 + I / 2)...);
+  return (Vec<float, W>)wide;
+}
+
 template <int W>
 FASTTF_INLINE Vec<float, W> bf16_to_float(U16<W> h) {
-  return (Vec<float, W>)(__builtin_convertvector(h, U32<W>) << 16);
+  return bf16_interleave<W>(h, std::make_index_sequence<W / 2>{});
 }
 
 // The bfloat16 bits of f, in the low half of each 32-bit lane.
