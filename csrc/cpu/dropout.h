@@ -1,8 +1,8 @@
 // Dropout multipliers on the CPU from the shared Philox stream (../philox.h):
 //   out[j] = keep(seed, start + j) ? scale : 0,   scale = 1 / (1 - p)
-// written for a whole row (or chunk) at once so the kernels multiply by a buffer with
-// at::vec::Vectorized. The generators are compiled for AVX-512, AVX2 and plain x86-64 and the
-// best one is picked when the library loads (GCC target_clones).
+// written for a whole row (or chunk) at once so the kernels multiply by a buffer. The generators
+// are written for AVX-512, AVX2 and plain x86-64, and the best one this CPU has is picked at run
+// time (simd.h; FASTTF_CPU_ISA caps it).
 #pragma once
 #include <cstdint>
 
