@@ -91,19 +91,14 @@ FASTTF_BODY void apply_vectorised_body(uint64_t seed, int64_t start, int64_t n, 
 FASTTF_PER_ISA(void, apply_vectorised, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x),
                (seed, start, n, threshold, scale, x))
 
-FASTTF_BODY void multipliers_double_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
-                                         double* out) {
+FASTTF_BODY void dropout_multipliers_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
+                                          double* out) {
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0; });
 }
-FASTTF_PER_ISA(void, multipliers_double,
-               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out),
-               (seed, start, n, threshold, scale, out))
 
-FASTTF_BODY void keep_bytes_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
+FASTTF_BODY void dropout_keep_bytes_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold; });
 }
-FASTTF_PER_ISA(void, keep_bytes, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out),
-               (seed, start, n, threshold, out))
 
 #if defined(__x86_64__)
 #define FASTTF_AVX512 __attribute__((target("avx512f"), always_inline)) inline
@@ -283,13 +278,12 @@ void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, 
   apply_vectorised(seed, start, n, threshold, scale, x);
 }
 
-void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out) {
-  multipliers_double(seed, start, n, threshold, scale, out);
-}
+FASTTF_PER_ISA(void, dropout_multipliers,
+               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale, double* out),
+               (seed, start, n, threshold, scale, out))
 
-void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out) {
-  keep_bytes(seed, start, n, threshold, out);
-}
+FASTTF_PER_ISA(void, dropout_keep_bytes, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out),
+               (seed, start, n, threshold, out))
 
 }  // namespace cpu
 }  // namespace fasttf

@@ -20,10 +20,6 @@
 #pragma GCC diagnostic ignored "-Wpsabi"  // wide vectors in always-inline helpers: no ABI is crossed
 
 #define FASTTF_INLINE __attribute__((always_inline)) inline
-#if defined(__x86_64__)
-#define FASTTF_WIDTH_64 __attribute__((target("arch=x86-64-v4")))
-#define FASTTF_WIDTH_32 __attribute__((target("arch=x86-64-v3")))
-#endif
 #define FASTTF_LAMBDA __attribute__((always_inline))  // inlined into each width's function, not compiled once for x86-64
 
 namespace fasttf {
@@ -392,19 +388,16 @@ FASTTF_INLINE void add_norm_row_any(const S* x, const S* residual, const T* m, c
 
 }  // namespace
 
-// Each public function: its kernel `name##_any` at the vector width of the best ISA this CPU has.
-#if defined(__x86_64__)
-#define FASTTF_BY_WIDTH(S, T, name, params, args)                         \
-  namespace {                                                             \
-  FASTTF_WIDTH_64 void name##_64 params { name##_any<S, T, 64> args; }    \
-  FASTTF_WIDTH_32 void name##_32 params { name##_any<S, T, 32> args; }    \
-  void name##_16 params { name##_any<S, T, 16> args; }                    \
-  }                                                                       \
-  void name params {                                                      \
-    if (has_avx512()) return name##_64 args;                              \
-    if (has_avx2_fma()) return name##_32 args;                            \
-    name##_16 args;                                                       \
-  }
+// Each public function: its kernel `name##_any` at the vector width of the best ISA this CPU has
+// (64 bytes AVX-512, 32 AVX2, 16 plain x86-64; simd.h's dispatch).
+#if FASTTF_ISA_VERSIONS
+#define FASTTF_BY_WIDTH(S, T, name, params, args)                               \
+  namespace {                                                                   \
+  FASTTF_TARGET_AVX512 void name##_avx512 params { name##_any<S, T, 64> args; } \
+  FASTTF_TARGET_AVX2 void name##_avx2 params { name##_any<S, T, 32> args; }     \
+  void name##_x86_64 params { name##_any<S, T, 16> args; }                      \
+  }                                                                             \
+  FASTTF_DISPATCH_ISA(void, name, params, args)
 #else
 #define FASTTF_BY_WIDTH(S, T, name, params, args) \
   void name params { name##_any<S, T, 16> args; }

@@ -43,18 +43,27 @@ inline bool has_avx512() { return false; }
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTTF_PER_ISA(ret, name, params, args)                                                   \
-  namespace {                                                                                     \
-  __attribute__((target("arch=x86-64-v4"))) ret name##_avx512 params { return name##_body args; } \
-  __attribute__((target("arch=x86-64-v3"))) ret name##_avx2 params { return name##_body args; }   \
-  ret name##_x86_64 params { return name##_body args; }                                           \
-  }                                                                                               \
-  ret name params {                                                                               \
-    if (has_avx512()) return name##_avx512 args;                                                  \
-    if (has_avx2_fma()) return name##_avx2 args;                                                  \
-    return name##_x86_64 args;                                                                    \
+#define FASTTF_ISA_VERSIONS 1
+#define FASTTF_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FASTTF_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+// `ret name params` calling name##_avx512, name##_avx2 or name##_x86_64 (defined by the caller, with
+// the FASTTF_TARGET_* attributes) with args, the best this CPU has: the one dispatch rule of the
+// per-ISA builds (FASTTF_PER_ISA here, FASTTF_BY_WIDTH in row_math.cpp).
+#define FASTTF_DISPATCH_ISA(ret, name, params, args) \
+  ret name params {                                  \
+    if (has_avx512()) return name##_avx512 args;     \
+    if (has_avx2_fma()) return name##_avx2 args;     \
+    return name##_x86_64 args;                       \
   }
+#define FASTTF_PER_ISA(ret, name, params, args)                                  \
+  namespace {                                                                    \
+  FASTTF_TARGET_AVX512 ret name##_avx512 params { return name##_body args; }     \
+  FASTTF_TARGET_AVX2 ret name##_avx2 params { return name##_body args; }         \
+  ret name##_x86_64 params { return name##_body args; }                          \
+  }                                                                              \
+  FASTTF_DISPATCH_ISA(ret, name, params, args)
 #else
+#define FASTTF_ISA_VERSIONS 0
 #define FASTTF_PER_ISA(ret, name, params, args) \
   ret name params { return name##_body args; }
 #endif
