@@ -232,37 +232,29 @@ double exp_shift_sum(double* x, int64_t n, double m) {
 namespace {
 
 template <typename T>
-FASTTF_BODY void softmax_grad_row_impl(const T* p, T* dp, T d, int64_t n) {
+FASTTF_BODY void softmax_grad_row_body(const T* p, T* dp, T d, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }
 
 template <typename T>
-FASTTF_BODY void softmax_grad_row_dropout_impl(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
+FASTTF_BODY void softmax_grad_row_dropout_body(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     pz[j] = p[j] * z[j];
     dp[j] = p[j] * (dp[j] * z[j] - d);
   }
 }
 
-FASTTF_BODY void softmax_grad_row_body(const float* p, float* dp, float d, int64_t n) {
-  softmax_grad_row_impl(p, dp, d, n);
-}
-FASTTF_BODY void softmax_grad_row_dropout_body(const float* p, const float* z, float* pz, float* dp, float d,
-                                               int64_t n) {
-  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
-}
-
 }  // namespace
 
 FASTTF_PER_ISA(void, softmax_grad_row, (const float* p, float* dp, float d, int64_t n), (p, dp, d, n))
 
-void softmax_grad_row(const double* p, double* dp, double d, int64_t n) { softmax_grad_row_impl(p, dp, d, n); }
+void softmax_grad_row(const double* p, double* dp, double d, int64_t n) { softmax_grad_row_body(p, dp, d, n); }
 
 FASTTF_PER_ISA(void, softmax_grad_row_dropout,
                (const float* p, const float* z, float* pz, float* dp, float d, int64_t n), (p, z, pz, dp, d, n))
 
 void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n) {
-  softmax_grad_row_dropout_impl(p, z, pz, dp, d, n);
+  softmax_grad_row_dropout_body(p, z, pz, dp, d, n);
 }
 
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {
