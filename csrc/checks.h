@@ -34,8 +34,8 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 
 inline void check_same_device(const char* op, const at::Tensor& a, const char* a_name,
                               const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), "fasttf.", op, ": expected ", b_name, " on the same device as ",
-              a_name, " (", a.device().str(), "), got ", b.device().str());
+  TORCH_CHECK(a.device() == b.device(), "fasttf.", op, ": expected all tensors on one device, but ", a_name,
+              " is on ", a.device().str(), " and ", b_name, " is on ", b.device().str());
 }
 
 inline void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name,

@@ -147,3 +147,14 @@ def test_cpp_refuses_a_bad_seed():
         torch.ops.fasttf.residual_add(x, x, 0.5, None)
     with pytest.raises(ValueError, match="seed to be a 0-dim int64 CPU tensor"):
         torch.ops.fasttf.residual_add(x, x, 0.5, torch.tensor([1, 2]))
+
+
+def test_the_op_entries_refuse_two_devices_too():
+    # one argument on meta makes the dispatcher pick the op's Meta (fake) kernel, which must check too
+    x, on_meta = torch.randn(3, 4), torch.randn(3, 4, device="meta")
+    with pytest.raises(RuntimeError, match="x is on cpu and residual is on meta"):
+        torch.ops.fasttf.residual_add(x, on_meta, 0.0, None)
+    with pytest.raises(RuntimeError, match="x is on cpu and weight is on meta"):
+        torch.ops.fasttf.add_layer_norm(x, x, torch.randn(4, device="meta"), None, 1e-5, 0.0, None)
+    with pytest.raises(RuntimeError, match="x is on cpu and offset is on meta"):
+        torch.ops.fasttf.positional_encoding(x, torch.tensor([1, 2, 3], device="meta"), 0, 1.0, 1e4, True)

@@ -20,6 +20,8 @@ if _extension_ready:
 
     @torch.library.register_fake("fasttf::positional_encoding")
     def _positional_encoding_fake(x, offsets, offset, scale, base, batch_first):
+        # also the op's Meta kernel, picked when any argument is on meta: the real kernels' device check
+        check_same_device("positional_encoding", x=x, offset=offsets)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fasttf::positional_encoding_backward")
@@ -41,6 +43,8 @@ if _extension_ready:
 def positional_encoding(x: torch.Tensor, offset=0, *, scale: float = 1.0, base: float = 10000.0,
                         batch_first: bool = True) -> torch.Tensor:
     """`x * scale + PE` for x of shape (N, T, D), (T, N, D) with batch_first=False, or (T, D)."""
+    if type(offset) is int and (extension := _extension.direct(x)) is not None:
+        return extension.positional_encoding(x, None, offset, float(scale), float(base), bool(batch_first))
     op = "positional_encoding"
     check_tensor(op, "x", x)
     offsets = None

@@ -41,6 +41,9 @@ if _extension_ready:
 
     @torch.library.register_fake("fasttf::residual_add")
     def _residual_add_fake(x, residual, dropout_p=0.0, seed=None):
+        # also the op's Meta kernel, which the dispatcher picks when any argument is on meta: the
+        # device check of the real kernels has to be here too
+        check_same_device("residual_add", x=x, residual=residual)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fasttf::residual_add_backward")
@@ -65,6 +68,7 @@ if _extension_ready:
 
     @torch.library.register_fake("fasttf::add_layer_norm")
     def _add_layer_norm_fake(x, residual, weight, bias, eps, dropout_p, seed):
+        check_same_device("add_layer_norm", x=x, residual=residual, weight=weight, bias=bias)  # (see above)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         s = torch.empty_like(x, memory_format=torch.contiguous_format)
         rows = x.numel() // x.size(-1)
@@ -88,6 +92,8 @@ if _extension_ready:
 def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 0.0,
                  training: bool = True) -> torch.Tensor:
     """`residual + dropout(x)` in one pass of the extension's kernel."""
+    if dropout_p == 0.0 and (extension := _extension.direct(x, residual)) is not None:
+        return extension.residual_add(x, residual, 0.0, None)
     check_same_device("residual_add", x=x, residual=residual)
     check_dropout_p("residual_add", dropout_p)
     extension = _extension.require("residual_add")
@@ -101,6 +107,9 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    *, eps: float = 1e-5, dropout_p: float = 0.0, training: bool = True):
     """`(layer_norm(s) * weight + bias, s)` with `s = residual + dropout(x)`, one pass over x and residual."""
+    if dropout_p == 0.0 and (extension := _extension.direct(x, residual, weight, bias)) is not None:
+        out, s, _, _ = extension.add_layer_norm(x, residual, weight, bias, float(eps), 0.0, None)
+        return out, s
     op = "add_layer_norm"
     check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
     check_dropout_p(op, dropout_p)
