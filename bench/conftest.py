@@ -6,7 +6,8 @@ over the eager twin of its group (the implementation a user writes today), measu
 
 FASTTF_BENCH_THREADS=n sets torch's CPU threads, FASTTF_BENCH_MALLOC=default keeps glibc's malloc
 thresholds (see steady_malloc), FASTTF_BENCH_BUDGET_S the seconds of timed calls
-per entry (harness.py). `--tiny` (or FASTTF_BENCH_TINY=1) selects the tiny shapes; it must be known before the suites are
+per entry, FASTTF_BENCH_INTERLEAVED_S those of fasttf's rows timed alternately with their eager
+twin (harness.py; 0 turns that off). `--tiny` (or FASTTF_BENCH_TINY=1) selects the tiny shapes; it must be known before the suites are
 collected, so it is turned into the environment variable here, before harness.py is imported.
 """
 

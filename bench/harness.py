@@ -16,6 +16,10 @@ result's `extra_info` everything the report needs:
                  (profile_memory=True), i.e. torch's CPU allocator only: memory malloc'd outside it
                  (numpy inside the Triton interpreter, oneDNN scratch) is not counted
     speedup      vs the group's eager twin, computed at the end of the session (conftest.py)
+    interleaved  entries given their twin's closure (`twin=`, fasttf's rows): the twin's median over
+                 this entry's, the two timed alternately in one loop (the first of each pair flips),
+                 so drift of the machine between two entries' rounds (10-20% here on a shared CPU)
+                 falls on both alike: extra_info["speedup_interleaved"], and "interleaved_pairs"
 
 GPU timing: pytest-benchmark's timer is replaced, for CUDA runs, by one that calls
 torch.cuda.synchronize() before reading the clock, so a round of k calls is timed from an idle
@@ -27,6 +31,7 @@ root, `nvidia-smi -lgc`); the report says so.
 
 import math
 import os
+import statistics
 import time
 import warnings
 
@@ -47,6 +52,9 @@ WARMUP_CALLS = 3 if ON_GPU else 0  # beyond the first call (call_or_skip) and th
 # and 0 warm-up calls timed positional_encoding at (8, 512, 4096) at 29 ms median against 12 ms.
 WARMUP_S = 0.0 if ON_GPU else float(os.environ.get("FASTTF_BENCH_WARMUP_S", "0.5"))
 MAX_WARMUP_CALLS = 50
+# Interleaved speedup: seconds of alternating pairs per entry (0 turns it off), and bounds on the pairs.
+INTERLEAVED_S = float(os.environ.get("FASTTF_BENCH_INTERLEAVED_S", "0.6"))
+MIN_PAIRS, MAX_PAIRS = 5, 100
 
 
 def interpreter_active() -> bool:
@@ -142,10 +150,48 @@ def attention_flops(batch, heads, length_q, length_k, head_dim, causal, backward
     return flops / 2 if causal else flops
 
 
+def warm_up(fn):
+    """WARMUP_CALLS calls, and on the CPU calls for WARMUP_S seconds (at most MAX_WARMUP_CALLS)."""
+    warm_until, calls = time.perf_counter() + WARMUP_S, 0
+    while calls < WARMUP_CALLS or (time.perf_counter() < warm_until and calls < MAX_WARMUP_CALLS):
+        fn()
+        calls += 1
+    synchronize()
+
+
+def timed(fn, iterations: int) -> float:
+    """Seconds for `iterations` calls of fn, from an idle device to the last call's completion."""
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_speedup(fn, twin, iterations: int, one_call: float):
+    """(twin's median / fn's median, pairs): fn and its eager twin timed alternately, the first of
+    each pair flipping, for INTERLEAVED_S seconds (MIN_PAIRS to MAX_PAIRS; 3 for calls of > 0.5 s)."""
+    twin()
+    warm_up(twin)
+    fn_times, twin_times = [], []
+    min_pairs = MIN_PAIRS if one_call < 0.5 else 3
+    stop_at = time.perf_counter() + INTERLEAVED_S
+    while len(fn_times) < min_pairs or (time.perf_counter() < stop_at and len(fn_times) < MAX_PAIRS):
+        if len(fn_times) % 2 == 0:
+            fn_times.append(timed(fn, iterations))
+            twin_times.append(timed(twin, iterations))
+        else:
+            twin_times.append(timed(twin, iterations))
+            fn_times.append(timed(fn, iterations))
+    return statistics.median(twin_times) / statistics.median(fn_times), len(fn_times)
+
+
 def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, flops: float | None = None,
-            bytes_moved: float | None = None, **params):
+            bytes_moved: float | None = None, twin=None, **params):
     """Time fn under pytest-benchmark in `group` and fill its extra_info (see the module docstring).
 
+    `twin`: the group's eager twin as a closure over the same inputs, for the interleaved speedup.
     `params` (op, mode, seq_len, dtype, shape, ...) go into extra_info as they are, for the report.
     """
     benchmark.group = group
@@ -163,15 +209,8 @@ def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, f
     call_or_skip(fn, impl)  # the first call: compile, autotune, or skip when unavailable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback warning, once per process, is not a result
-        warm_until, calls = time.perf_counter() + WARMUP_S, 0
-        while calls < WARMUP_CALLS or (time.perf_counter() < warm_until and calls < MAX_WARMUP_CALLS):
-            fn()
-            calls += 1
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        one_call = max(time.perf_counter() - start, 1e-7)
+        warm_up(fn)
+        one_call = max(timed(fn, 1), 1e-7)
         info["peak_memory_bytes"] = peak_memory_bytes(fn)
         if ON_GPU:
             torch.cuda.empty_cache()
@@ -181,6 +220,9 @@ def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, f
         min_rounds = MIN_ROUNDS if one_call < 0.5 else 3  # the Triton interpreter: seconds a call
         rounds = int(min(MAX_ROUNDS, max(min_rounds, BUDGET_S / (one_call * iterations))))
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        if twin is not None and INTERLEAVED_S > 0:
+            info["speedup_interleaved"], info["interleaved_pairs"] = interleaved_speedup(
+                fn, twin, iterations, one_call)
 
     median = benchmark.stats.stats.median
     if flops is not None:

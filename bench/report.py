@@ -123,12 +123,14 @@ def markdown(data: dict) -> str:
         "- time: the median over the rounds; throughput: attention FLOP/s (4·N·H·L·S·E forward, x3.5 "
         "forward+backward, /2 causal), elementwise GB/s (bytes read + written; \"% of copy\": of `out.copy_(x)`'s "
         "GB/s in the same group), training step tokens/s; "
-        "speedup: the eager twin's median / this median, same run (**bold** = the twin); peak memory: bytes "
+        "speedup: the eager twin's median / this median, same run (**bold** = the twin); interleaved: the same "
+        "ratio with the two timed alternately in one loop (n pairs), which the machine's drift between rows "
+        "does not move; peak memory: bytes "
         "allocated at the peak of one call beyond the inputs (CUDA: max_memory_allocated; CPU: torch's CPU "
         "allocator, replayed from torch.profiler's allocation events).",
         "",
-        "| group | implementation | median | throughput | speedup vs eager twin | peak memory |",
-        "|---|---|---:|---:|---:|---:|",
+        "| group | implementation | median | throughput | speedup vs eager twin | interleaved | peak memory |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for entries in sorted(groups.values(), key=group_sort_key):
         for entry in sorted(entries, key=lambda e: e["stats"]["median"]):
@@ -143,6 +145,8 @@ def markdown(data: dict) -> str:
                 + (f" ({extra['fraction_of_copy_bandwidth']:.0%} of copy)"
                    if "fraction_of_copy_bandwidth" in extra and not extra.get("bandwidth_reference") else ""),
                 "–" if speedup is None else f"{speedup:.3g}x",
+                (f"{extra['speedup_interleaved']:.3g}x ({extra['interleaved_pairs']})"
+                 if "speedup_interleaved" in extra else "–"),
                 f"{format_bytes(extra.get('peak_memory_bytes'))} |",
             ]))
     skipped = data.get("fasttf_skipped", [])

@@ -148,6 +148,7 @@ def implementations():
 
 
 IMPLS = implementations()
+EAGER_TWIN = next(impl for impl in IMPLS if impl[2])
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -178,17 +179,25 @@ def run_attention(benchmark, monkeypatch, mode, impl, shape, label="", variant=N
 
     q, k, v = tensor(), tensor(), tensor()
     kwargs, extra_inputs = variant_arguments(variant, q, length, backward) if variant else ({}, ())
-    if backward:
-        grad_out = torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype, generator=generator)
-        fn = forward_backward(lambda: attend(q, k, v, causal, **kwargs), (q, k, v, *extra_inputs), grad_out)
-    else:
+    grad_out = (torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype, generator=generator)
+                if backward else None)
+
+    def timed_call(attend):
+        if backward:
+            return forward_backward(lambda: attend(q, k, v, causal, **kwargs), (q, k, v, *extra_inputs), grad_out)
+
         def fn():
             with torch.no_grad():
                 return attend(q, k, v, causal, **kwargs)
+        return fn
+
+    fn = timed_call(attend)
+    # fasttf's speed rows (not the interpreter's) are also timed interleaved with the eager twin
+    twin = timed_call(EAGER_TWIN[1]) if name == "fasttf" and not label else None
     if variant:
         label = f" {variant}"
     measure(benchmark, fn, group=group_name(mode, dtype, head_dim, causal, batch, heads, length, label),
-            impl=impl_name, eager_twin=eager_twin, op="attention", mode=mode, dtype=dtype_name(dtype),
+            impl=impl_name, eager_twin=eager_twin, twin=twin, op="attention", mode=mode, dtype=dtype_name(dtype),
             head_dim=head_dim, causal=causal, batch=batch, heads=heads, seq_len=length,
             series=f"attention {mode} {dtype_name(dtype)} E={head_dim} {'causal' if causal else 'full'}{label}",
             flops=attention_flops(batch, heads, length, length, head_dim, causal, backward))

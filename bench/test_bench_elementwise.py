@@ -91,6 +91,20 @@ def make_case(op, impl, dropout_p, dtype, shape, backward):
     return (lambda: F.layer_norm(residual + F.dropout(x, dropout_p), (dim,), weight, bias)), inputs
 
 
+def timed_call(op, impl, dropout_p, dtype, shape, backward):
+    """The closure a benchmark times: the forward under no_grad, or forward then backward."""
+    forward, inputs = make_case(op, impl, dropout_p, dtype, shape, backward)
+    if backward:
+        generator = torch.Generator(device=DEVICE).manual_seed(1)
+        grad_out = torch.randn(*shape, device=DEVICE, dtype=dtype, generator=generator)
+        return forward_backward(forward, inputs, grad_out)
+
+    def fn():
+        with torch.no_grad():
+            return forward()
+    return fn
+
+
 CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
          ("add_layer_norm", 0.1)]
 
@@ -115,16 +129,10 @@ def test_elementwise(benchmark, mode, case, shape, impl):
                 bandwidth_reference=True, op=op, mode=mode, dtype=dtype_name(dtype), dropout_p=dropout_p,
                 batch=batch, seq_len=length, dim=dim, series=series, bytes_moved=2 * elements * element_size)
         return
-    forward, inputs = make_case(op, impl, dropout_p, dtype, (batch, length, dim), backward)
-    if backward:
-        generator = torch.Generator(device=DEVICE).manual_seed(1)
-        grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, generator=generator)
-        fn = forward_backward(forward, inputs, grad_out)
-    else:
-        def fn():
-            with torch.no_grad():
-                return forward()
+    fn = timed_call(op, impl, dropout_p, dtype, (batch, length, dim), backward)
+    twin = timed_call(op, "eager", dropout_p, dtype, (batch, length, dim), backward) if impl == "fasttf" else None
     units = io_units(op, backward, dropout_p)
     measure(benchmark, fn, group=group, impl=impl if impl == "fasttf" else "eager torch", eager_twin=impl == "eager",
+            twin=twin,
             op=op, mode=mode, dtype=dtype_name(dtype), dropout_p=dropout_p, batch=batch, seq_len=length, dim=dim,
             series=series, bytes_moved=units * elements * element_size)

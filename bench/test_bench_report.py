@@ -23,7 +23,8 @@ def made_up_results():
         benchmarks.append(entry(group, "torch sdpa", twin_median, True, tflops=flops / twin_median / 1e12,
                                 peak_memory_bytes=3 * 2**20, **common))
         benchmarks.append(entry(group, "fasttf", fasttf_median, tflops=flops / fasttf_median / 1e12,
-                                peak_memory_bytes=2**20, **common))
+                                peak_memory_bytes=2**20, speedup_interleaved=twin_median / fasttf_median * 0.9,
+                                interleaved_pairs=12, **common))
     elementwise = "residual_add fwd float32 p=0.0: N=8 T=512 D=512"
     benchmarks.append(entry(elementwise, "fasttf", 1e-4, op="residual_add", mode="fwd", seq_len=512, gbps=12.5))
     benchmarks.append(entry(elementwise, "device copy", 0.5e-4, bandwidth_reference=True, op="residual_add",
@@ -55,11 +56,37 @@ def test_report_writes_table_plot_and_raw_json(tmp_path):
     assert report.main([str(results), "--out", str(tmp_path / "out")]) == 0
     stem = "cuda-nvidia-h100-80gb-hbm3"
     table = (tmp_path / "out" / f"{stem}.md").read_text()
-    # 4·1·2·256·256·64 = 33.6e6 flops in 2 ms = 16.8 GFLOP/s; 4x the twin; 1 MiB peak
-    assert "| attention fwd float16 E=64 full: L=S=256 | fasttf | 2 ms | 16.8 GFLOP/s | 4x | 1 MiB |" in table
+    # 4·1·2·256·256·64 = 33.6e6 flops in 2 ms = 16.8 GFLOP/s; 4x the twin (3.6x interleaved, 12 pairs); 1 MiB peak
+    assert ("| attention fwd float16 E=64 full: L=S=256 | fasttf | 2 ms | 16.8 GFLOP/s | 4x | 3.6x (12) | 1 MiB |"
+            in table)
     assert "| **torch sdpa** | 8 ms |" in table
-    assert "| fasttf | 100 µs | 12.5 GB/s (25% of copy) | – | – |" in table
-    assert "| device copy | 50 µs | 50 GB/s | – | – |" in table
+    assert "| fasttf | 100 µs | 12.5 GB/s (25% of copy) | – | – | – |" in table
+    assert "| device copy | 50 µs | 50 GB/s | – | – | – |" in table
     assert (tmp_path / "out" / f"{stem}-attention-fwd.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / f"{stem}.json").read_text())["benchmarks"]
     assert not (tmp_path / "out" / f"{stem}-residual-add-fwd.png").exists()  # one length: no plot
+
+
+def test_interleaved_speedup_alternates_the_pair(monkeypatch):
+    import harness
+
+    clock, calls = [0.0], []
+
+    class FakeTime:  # a call of fn takes 1 s, its twin 3 s (the harness reads nothing else of `time`)
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    def call(name, seconds):
+        def run():
+            calls.append(name)
+            clock[0] += seconds
+        return run
+
+    monkeypatch.setattr(harness, "time", FakeTime)
+    monkeypatch.setattr(harness, "WARMUP_S", 0.0)
+    monkeypatch.setattr(harness, "WARMUP_CALLS", 0)
+    speedup, pairs = harness.interleaved_speedup(call("fn", 1.0), call("twin", 3.0), iterations=2, one_call=1.0)
+    assert speedup == pytest.approx(3.0)
+    assert pairs == 3  # calls of more than 0.5 s: 3 pairs, here already past INTERLEAVED_S after the first
+    assert calls == ["twin"] + ["fn"] * 2 + ["twin"] * 2 + ["twin"] * 2 + ["fn"] * 2 + ["fn"] * 2 + ["twin"] * 2
