@@ -54,16 +54,21 @@ def test_multihead_attention(benchmark, shape, impl):
     need_weights = name == "torch need_weights=True"
     x = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype)
-    inputs = (x, *module.parameters())
 
-    def fn():
-        out = module(x, x, x, need_weights=need_weights)[0]
-        return torch.autograd.grad(out, inputs, grad_out)
+    def step(module, need_weights):
+        inputs = (x, *module.parameters())
 
+        def fn():
+            out = module(x, x, x, need_weights=need_weights)[0]
+            return torch.autograd.grad(out, inputs, grad_out)
+        return fn
+
+    fn = step(module, need_weights)
+    twin = step(torch_module, True) if name == "fasttf" else None  # the eager twin, for the interleaved speedup
     impl_name = f"{name} (native)" if name == "fasttf" and not ON_GPU else name
     measure(benchmark, fn, group=f"MultiheadAttention fwd+bwd {dtype_name(dtype)}{label}: N={batch} L={length} "
                                  f"D={dim} H={heads}",
-            impl=impl_name, eager_twin=eager_twin, op="MultiheadAttention", mode="fwd+bwd", dtype=dtype_name(dtype),
+            impl=impl_name, eager_twin=eager_twin, twin=twin, op="MultiheadAttention", mode="fwd+bwd", dtype=dtype_name(dtype),
             batch=batch, seq_len=length, dim=dim, heads=heads,
             series=f"MultiheadAttention fwd+bwd {dtype_name(dtype)} D={dim} H={heads}{label}",
             flops=attention_flops(batch, heads, length, length, dim // heads, False, True))
@@ -104,17 +109,22 @@ def test_multihead_attention_need_weights(benchmark, shape, impl):
     x = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(batch, length, dim, device=DEVICE, dtype=dtype)
     grad_weights = torch.randn(batch, length, length, device=DEVICE, dtype=dtype)
-    inputs = (x, *module.parameters())
 
-    def fn():
-        out, weights = module(x, x, x)  # torch's default call: need_weights=True, averaged
-        return torch.autograd.grad((out, weights), inputs, (grad_out, grad_weights))
+    def step(module):
+        inputs = (x, *module.parameters())
 
+        def fn():
+            out, weights = module(x, x, x)  # torch's default call: need_weights=True, averaged
+            return torch.autograd.grad((out, weights), inputs, (grad_out, grad_weights))
+        return fn
+
+    fn = step(module)
+    twin = step(torch_module) if impl == "fasttf" else None
     benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: module(x, x, x))
     impl_name = f"{impl} (native)" if impl == "fasttf" and not ON_GPU else impl
     measure(benchmark, fn, group=f"MultiheadAttention need_weights=True fwd+bwd {dtype_name(dtype)}{label}: "
                                  f"N={batch} L={length} D={dim} H={heads}",
-            impl=impl_name, eager_twin=impl == "torch", op="MultiheadAttention need_weights", mode="fwd+bwd",
+            impl=impl_name, eager_twin=impl == "torch", twin=twin, op="MultiheadAttention need_weights", mode="fwd+bwd",
             dtype=dtype_name(dtype), batch=batch, seq_len=length, dim=dim, heads=heads,
             series=f"MultiheadAttention need_weights=True fwd+bwd {dtype_name(dtype)} D={dim} H={heads}{label}",
             flops=attention_flops(batch, heads, length, length, dim // heads, False, True))

@@ -44,22 +44,31 @@ def test_training_step(benchmark, monkeypatch, config, backend):
         if label == " (interpreter)" and not interpreter_active():
             pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
         monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton" if label == " (interpreter)" else "native")
-    torch.manual_seed(0)
-    model = fasttf.models.Transformer(VOCAB, VOCAB, dropout=0.1, max_len=max(length, 64), backend="torch", **kwargs)
-    if backend == "fasttf":
-        model = model.with_backend("fasttf")
-    model = model.to(device=DEVICE, dtype=dtype).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     src, tgt = (torch.randint(2, VOCAB, (batch, length + 1), device=DEVICE, generator=generator) for _ in range(2))
     src = src[:, :length]
 
-    def step():
-        _, loss = model(src, tgt[:, :-1], tgt[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    def training_step(backend):
+        """One step's closure over a fresh model (the same weights for both backends) and its Adam."""
+        torch.manual_seed(0)
+        model = fasttf.models.Transformer(VOCAB, VOCAB, dropout=0.1, max_len=max(length, 64), backend="torch",
+                                          **kwargs)
+        if backend == "fasttf":
+            model = model.with_backend("fasttf")
+        model = model.to(device=DEVICE, dtype=dtype).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            _, loss = model(src, tgt[:, :-1], tgt[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        return step
+
+    step = training_step(backend)
+    # the interleaved speedup against the torch backend, for fasttf's speed rows (not the interpreter's)
+    twin = training_step("torch") if backend == "fasttf" and label != " (interpreter)" else None
 
     impl = "fasttf" if backend == "fasttf" else "torch (eager twin)"
     if backend == "fasttf" and not ON_GPU:
@@ -67,7 +76,7 @@ def test_training_step(benchmark, monkeypatch, config, backend):
     layers = kwargs["num_encoder_layers"] + kwargs["num_decoder_layers"]
     measure(benchmark, step, group=f"training step {dtype_name(dtype)}{label}: N={batch} L={length} "
                                    f"D={kwargs['d_model']} H={kwargs['num_heads']} layers={layers}",
-            impl=impl, eager_twin=backend == "torch", op="training step", mode="fwd+bwd+adam",
+            impl=impl, eager_twin=backend == "torch", twin=twin, op="training step", mode="fwd+bwd+adam",
             dtype=dtype_name(dtype), batch=batch, seq_len=length, dim=kwargs["d_model"],
             series=f"training step {dtype_name(dtype)} D={kwargs['d_model']}{label}",
             tokens=2 * batch * length)
