@@ -291,3 +291,25 @@ def test_learned_bias_gets_its_gradient_from_the_native_kernel():
     reference.scaled_dot_product_attention(*inputs64[:3], inputs64[3], is_causal=True).square().sum().backward()
     for mine, truth in zip((query, key, value, bias), inputs64):
         torch.testing.assert_close(mine.grad.double(), truth.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cpu_kernel", ["native", "triton"])
+def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch, cpu_kernel):
+    # without a gradient to track, the kernel is called directly (not through fasttf::attention_forward's
+    # autograd and dispatch layers): the same kernel, so the same bits as the tracked call
+    if cpu_kernel == "triton" and not kernels.INTERPRET:
+        pytest.skip("the Triton kernel on the CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", cpu_kernel)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator) for _ in range(3))
+    mask = torch.rand(5, 5, generator=generator) > 0.3
+    tracked = fasttf.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=mask).detach()
+    custom_op_calls = []
+    real_op = attention_op.attention_forward
+    monkeypatch.setattr(attention_op, "attention_forward", lambda *args: custom_op_calls.append(args) or real_op(*args))
+    with torch.no_grad():
+        assert torch.equal(fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask), tracked)
+    assert torch.equal(fasttf.scaled_dot_product_attention(q.detach(), k, v, attn_mask=mask), tracked)
+    assert custom_op_calls == []
+    fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()  # a gradient: the custom op
+    assert len(custom_op_calls) == 1 and q.grad is not None
