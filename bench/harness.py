@@ -171,8 +171,12 @@ def timed(fn, iterations: int) -> float:
 
 def interleaved_speedup(fn, twin, iterations: int, one_call: float):
     """(twin's median / fn's median, pairs): fn and its eager twin timed alternately, the first of
-    each pair flipping, for INTERLEAVED_S seconds (MIN_PAIRS to MAX_PAIRS; 3 for calls of > 0.5 s)."""
-    twin()
+    each pair flipping, for INTERLEAVED_S seconds (MIN_PAIRS to MAX_PAIRS; 3 for calls of > 0.5 s).
+    None where the twin cannot run here (its own row then says why: it skips)."""
+    try:
+        twin()
+    except (NotImplementedError, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError too
+        return None
     warm_up(twin)
     fn_times, twin_times = [], []
     min_pairs = MIN_PAIRS if one_call < 0.5 else 3
@@ -220,9 +224,9 @@ def measure(benchmark, fn, *, group: str, impl: str, eager_twin: bool = False, f
         min_rounds = MIN_ROUNDS if one_call < 0.5 else 3  # the Triton interpreter: seconds a call
         rounds = int(min(MAX_ROUNDS, max(min_rounds, BUDGET_S / (one_call * iterations))))
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
-        if twin is not None and INTERLEAVED_S > 0:
-            info["speedup_interleaved"], info["interleaved_pairs"] = interleaved_speedup(
-                fn, twin, iterations, one_call)
+        interleaved = interleaved_speedup(fn, twin, iterations, one_call) if twin and INTERLEAVED_S > 0 else None
+        if interleaved is not None:
+            info["speedup_interleaved"], info["interleaved_pairs"] = interleaved
 
     median = benchmark.stats.stats.median
     if flops is not None:

@@ -90,3 +90,12 @@ def test_interleaved_speedup_alternates_the_pair(monkeypatch):
     assert speedup == pytest.approx(3.0)
     assert pairs == 3  # calls of more than 0.5 s: 3 pairs, here already past INTERLEAVED_S after the first
     assert calls == ["twin"] + ["fn"] * 2 + ["twin"] * 2 + ["twin"] * 2 + ["fn"] * 2 + ["fn"] * 2 + ["twin"] * 2
+
+
+def test_interleaved_speedup_is_none_where_the_twin_cannot_run():
+    import harness
+
+    def twin():
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    assert harness.interleaved_speedup(lambda: None, twin, iterations=1, one_call=1e-3) is None
