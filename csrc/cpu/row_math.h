@@ -8,9 +8,8 @@
 // Written with GCC vector extensions, once per vector width: 64 bytes (16 floats) compiled for
 // AVX-512, 32 for AVX2 and 16 for plain x86-64, picked at run time (FASTTF_CPU_ISA forces a lower
 // one, simd.h); reductions keep four vector accumulators so they run at load throughput, not at
-// add latency. ATen's own AVX2/
-// AVX-512 at::vec::Vectorized needs Sleef headers the torch wheel does not ship, so an extension
-// only gets its portable flavour.
+// add latency. ATen's own AVX2/AVX-512 at::vec::Vectorized needs Sleef headers the torch wheel
+// does not ship, so an extension only gets its portable flavour.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
