@@ -16,6 +16,8 @@ Where the attention itself runs:
   mask and a key padding mask are given they are merged as torch merges them (bool: either
   masks; float: added), into `(N, 1, L, S)`, or `(N, num_heads, L, S)` only if the attn mask
   already is that big.
+- The in-projection is one matmul for self-attention (two when only key is value, as torch's) and
+  q, k, v reach the kernel as strided views of its product, never copied into a head-major layout.
 - `need_weights=True`: the same kernel, and a second one that writes the weights from the saved
   log-sum-exp (`fasttf.ops.attention.attention_with_weights`): `(N, L, S)` averaged over the heads
   inside the kernel when `average_attn_weights=True`, else `(N, num_heads, L, S)`; after dropout,
@@ -95,6 +97,34 @@ def _merge_for_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, d
 
 
 # ----------------------------------------------------------------------------------------------
+# Projections
+
+
+def _in_projection_packed(query: Tensor, key: Tensor, value: Tensor, weight: Tensor,
+                          bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's `F._in_projection_packed` (one matmul when query is key is value, two when only key
+    is value, else three) without its copy: q, k, v come back as strided views of the product, which
+    the kernel reads as they are, and `unbind`'s backward writes their gradients into one tensor
+    (torch's indexing would zero-fill three and add them)."""
+    embed_dim = query.size(-1)
+    if key is value:
+        if query is key:
+            return F.linear(query, weight, bias).unflatten(-1, (3, embed_dim)).unbind(-2)
+        weight_q, weight_kv = weight.split([embed_dim, 2 * embed_dim])
+        b_q, b_kv = (None, None) if bias is None else bias.split([embed_dim, 2 * embed_dim])
+        k, v = F.linear(key, weight_kv, b_kv).unflatten(-1, (2, embed_dim)).unbind(-2)
+        return F.linear(query, weight_q, b_q), k, v
+    weight_q, weight_k, weight_v = weight.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+    return F.linear(query, weight_q, b_q), F.linear(key, weight_k, b_k), F.linear(value, weight_v, b_v)
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(S, N, H * E) -> (N, H, S, E), a view of any strided x."""
+    return x.unflatten(-1, (num_heads, x.size(-1) // num_heads)).permute(1, 2, 0, 3)
+
+
+# ----------------------------------------------------------------------------------------------
 # The functional form
 
 
@@ -166,11 +196,11 @@ def multi_head_attention_forward(
     elif key.shape != value.shape:
         raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
 
-    # in-projection: torch's own helpers (same checks, same packed self-attention matmul)
+    # in-projection: one matmul for self-attention (two when only key is value), q, k, v views of it
     if not use_separate_proj_weight:
         if in_proj_weight is None:
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
-        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+        q, k, v = _in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
     else:
         for name, weight in (("q", q_proj_weight), ("k", k_proj_weight), ("v", v_proj_weight)):
             if weight is None:
@@ -206,33 +236,34 @@ def multi_head_attention_forward(
     elif bias_v is not None:
         raise AssertionError("bias_v is set but bias_k is None")
 
-    # heads, batch first: (S, N, H * E) -> (N * H, S, E), torch's layout; static_k/v come in it
-    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    # heads: (S, N, H * E) -> (N, H, S, E), views (the kernel reads any strides); static_k/v come
+    # in torch's (N * H, S, E) layout
+    q = _split_heads(q, num_heads)
     if static_k is None:
-        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        k = _split_heads(k, num_heads)
     else:
         if static_k.size(0) != bsz * num_heads:
             raise AssertionError(f"expecting static_k.size(0) of {bsz * num_heads}, but got {static_k.size(0)}")
         if static_k.size(2) != head_dim:
             raise AssertionError(f"expecting static_k.size(2) of {head_dim}, but got {static_k.size(2)}")
-        k = static_k
+        k = static_k.unflatten(0, (bsz, num_heads))
     if static_v is None:
-        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        v = _split_heads(v, num_heads)
     else:
         if static_v.size(0) != bsz * num_heads:
             raise AssertionError(f"expecting static_v.size(0) of {bsz * num_heads}, but got {static_v.size(0)}")
         if static_v.size(2) != head_dim:
             raise AssertionError(f"expecting static_v.size(2) of {head_dim}, but got {static_v.size(2)}")
-        v = static_v
+        v = static_v.unflatten(0, (bsz, num_heads))
 
     if add_zero_attn:  # one more key and value, all zeros
-        zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
-        k = torch.cat([k, zeros], dim=1)
-        v = torch.cat([v, zeros.to(v.dtype)], dim=1)
+        zeros = torch.zeros((bsz, num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, zeros], dim=2)
+        v = torch.cat([v, zeros.to(v.dtype)], dim=2)
         attn_mask = _append_unmasked_key(attn_mask)
         key_padding_mask = _append_unmasked_key(key_padding_mask)
 
-    src_len = k.size(1)
+    src_len = k.size(2)
     if key_padding_mask is not None:
         if key_padding_mask.shape[0] != bsz:
             raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
@@ -246,8 +277,6 @@ def multi_head_attention_forward(
     if not training:
         dropout_p = 0.0
 
-    # (N * H, L, E) -> (N, H, L, E): views, no copy
-    q, k, v = (t.unflatten(0, (bsz, num_heads)) for t in (q, k, v))
     mask = _merge_for_sdpa(attn_mask, key_padding_mask, query.dtype)
 
     if need_weights:  # the fused kernel and the weights kernel (torch's weights path reads the mask itself)

@@ -46,6 +46,9 @@ def random_config(seed):
     if cfg["self_attention"]:
         cfg["length_k"] = cfg["length_q"]
     cfg["is_causal"] = cfg["attn_mask"] == "causal" and rng.random() < 0.7
+    # encoder-decoder attention: key is value (the memory), query another tensor -- the packed
+    # in-projection's two-matmul case
+    cfg["key_is_value"] = not cfg["self_attention"] and not separate and rng.random() < 0.5
     return cfg
 
 
@@ -67,7 +70,7 @@ def make_inputs(cfg, seed):
         key = value = query
     else:
         key = seq(length_k, cfg["kdim"] or cfg["embed_dim"])
-        value = seq(length_k, cfg["vdim"] or cfg["embed_dim"])
+        value = key if cfg["key_is_value"] else seq(length_k, cfg["vdim"] or cfg["embed_dim"])
 
     def bool_mask(shape):
         mask = torch.rand(shape, generator=gen) < 0.35
@@ -182,7 +185,7 @@ def test_random_configuration_matches_torch(seed, monkeypatch, kernel_calls):
 def test_sweep_covers_every_option():
     configs = [random_config(seed) for seed in SWEEP]
     for option in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "batched", "self_attention",
-                   "need_weights", "average_attn_weights", "training", "is_causal", "learned_masks"):
+                   "key_is_value", "need_weights", "average_attn_weights", "training", "is_causal", "learned_masks"):
         assert {c[option] for c in configs} == {False, True}, option
     assert {c["attn_mask"] for c in configs} == {"none", "bool2d", "float2d", "bool3d", "float3d", "causal"}
     assert {c["key_padding_mask"] for c in configs} == {"none", "bool", "float"}
@@ -320,6 +323,32 @@ def test_3d_float_mask_is_viewed_not_copied(kernel_calls):
     mha(query, kv, kv, attn_mask=attn_mask, need_weights=False)
     mask = kernel_calls[0]["attn_mask"]
     assert mask.shape == (3, 2, 4, 6) and mask.data_ptr() == attn_mask.data_ptr()
+
+
+@pytest.mark.parametrize("batch_first", (False, True))
+def test_packed_projections_reach_the_kernel_uncopied(kernel_calls, batch_first):
+    """q, k, v of self-attention are views of one in-projection (k, v of one for encoder-decoder
+    attention): no copy between the matmul and the kernel, whose gradients still match torch's."""
+    theirs = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours = fasttf.MultiheadAttention.from_torch(theirs)
+    x, memory = (torch.randn(3, 5, 8), torch.randn(3, 4, 8)) if batch_first else (torch.randn(5, 3, 8),
+                                                                                   torch.randn(4, 3, 8))
+    for query, kv in ((x, x), (x, memory)):
+        ours(query, kv, kv, need_weights=False)
+        call = kernel_calls[-1]
+        q, k, v = call["query"], call["key"], call["value"]
+        # one product (S, N, 2 or 3, 8): each token's k and v (and q) 8 floats apart, not copied apart
+        assert v.data_ptr() - k.data_ptr() == 8 * 4
+        if query is kv:
+            assert k.data_ptr() - q.data_ptr() == 8 * 4
+        leaves = [t.detach().requires_grad_() for t in {id(query): query, id(kv): kv}.values()]
+        query_leaf, kv_leaf = leaves[0], leaves[-1]
+        expected = torch.autograd.grad(theirs(query_leaf, kv_leaf, kv_leaf, need_weights=False)[0].sum(),
+                                       [*leaves, *theirs.parameters()])
+        got = torch.autograd.grad(ours(query_leaf, kv_leaf, kv_leaf, need_weights=False)[0].sum(),
+                                  [*leaves, *ours.parameters()])
+        for mine, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_is_causal_hint_goes_to_the_kernel_without_a_mask(kernel_calls):
