@@ -86,6 +86,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(x, residual, weight, bias, eps, dropout_p, seed);
   }, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("dropout_p"),
      py::arg("seed"));
+  m.def("native_attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
+                                       double scale, const fasttf::OptTensor& seed) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_forward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const fasttf::OptTensor&,
+                                                                   double, bool, double, const fasttf::OptTensor&)>();
+    return op.call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
+     py::arg("scale"), py::arg("seed"));
   // For tests: the CPU dropout multipliers of elements [start, start + n) as the kernels draw them
   // (each x86 path of dropout.cpp: vectorised loops, AVX-512), beside the keep bytes.
   m.def("_dropout_multipliers", [](uint64_t seed, int64_t start, int64_t n, double dropout_p) {

@@ -226,20 +226,25 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa):
         check_tensor(OP, name, tensor)
     if attn_mask is not None:
         check_tensor(OP, "attn_mask", attn_mask)
-    check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)
-    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
+    device = query.device
+    if not (key.device == device and value.device == device and (attn_mask is None or attn_mask.device == device)):
+        check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)  # raises, naming them
+    # shapes read once: each Tensor.size(d) call costs ~0.2 us, a torch.Size index far less
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    rank = len(q_shape)
+    if rank not in (3, 4) or len(k_shape) != rank or len(v_shape) != rank:
         raise RuntimeError(f"fasttf.{OP}: expected query, key and value all 4-D (N, H, L, E) or all 3-D "
-                           f"(H, L, E), got query {query.dim()}-D, key {key.dim()}-D, value {value.dim()}-D")
+                           f"(H, L, E), got query {rank}-D, key {len(k_shape)}-D, value {len(v_shape)}-D")
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"fasttf.{OP}: expected query, key and value to have the same dtype, got "
                            f"query.dtype {query.dtype}, key.dtype {key.dtype}, value.dtype {value.dtype}")
-    if query.dim() == 4 and not (query.size(0) == key.size(0) == value.size(0)):
-        raise RuntimeError(f"fasttf.{OP}: expected one batch size, got query {query.size(0)}, key {key.size(0)}, "
-                           f"value {value.size(0)}")
-    heads, heads_kv = query.size(-3), key.size(-3)
-    if value.size(-3) != heads_kv:
+    if rank == 4 and not (q_shape[0] == k_shape[0] == v_shape[0]):
+        raise RuntimeError(f"fasttf.{OP}: expected one batch size, got query {q_shape[0]}, key {k_shape[0]}, "
+                           f"value {v_shape[0]}")
+    heads, heads_kv = q_shape[-3], k_shape[-3]
+    if v_shape[-3] != heads_kv:
         raise RuntimeError(f"fasttf.{OP}: expected key and value to have the same number of heads, got "
-                           f"key {heads_kv} and value {value.size(-3)}")
+                           f"key {heads_kv} and value {v_shape[-3]}")
     if enable_gqa:
         if heads_kv == 0 or heads % heads_kv != 0:
             raise RuntimeError(f"fasttf.{OP}: enable_gqa needs the number of query heads ({heads}) to be a "
@@ -247,26 +252,27 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa):
     elif heads != heads_kv:
         raise RuntimeError(f"fasttf.{OP}: query has {heads} heads but key/value have {heads_kv}; pass "
                            f"enable_gqa=True for grouped-query attention")
-    if key.size(-1) != query.size(-1):
-        raise RuntimeError(f"fasttf.{OP}: expected key's head dim ({key.size(-1)}) to equal query's "
-                           f"({query.size(-1)})")
-    if value.size(-2) != key.size(-2):
-        raise RuntimeError(f"fasttf.{OP}: expected value's sequence length ({value.size(-2)}) to equal key's "
-                           f"({key.size(-2)})")
+    if k_shape[-1] != q_shape[-1]:
+        raise RuntimeError(f"fasttf.{OP}: expected key's head dim ({k_shape[-1]}) to equal query's "
+                           f"({q_shape[-1]})")
+    if v_shape[-2] != k_shape[-2]:
+        raise RuntimeError(f"fasttf.{OP}: expected value's sequence length ({v_shape[-2]}) to equal key's "
+                           f"({k_shape[-2]})")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise RuntimeError(f"fasttf.{OP}: expected attn_mask of dtype bool or query's dtype {query.dtype}, "
                                f"got {attn_mask.dtype}")
-        scores_shape = (*query.shape[:-1], key.size(-2))
-        try:
-            broadcast = torch.broadcast_shapes(attn_mask.shape, scores_shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size(scores_shape):
+        scores_shape = (*q_shape[:-1], k_shape[-2])
+        if not _broadcasts_to(attn_mask.shape, scores_shape):
             raise RuntimeError(f"fasttf.{OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                                f"the scores' shape {tuple(scores_shape)}")
     if not 0.0 <= dropout_p <= 1.0:
         raise RuntimeError(f"fasttf.{OP}: expected dropout_p between 0 and 1, got {dropout_p}")
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether `shape` broadcasts to `target` (torch.broadcast_shapes costs ~45 us a call)."""
+    return len(shape) <= len(target) and all(size in (1, full) for size, full in zip(reversed(shape), reversed(target)))
 
 
 def _fallback_reason(query: Tensor, value: Tensor) -> str | None:
