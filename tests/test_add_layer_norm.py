@@ -200,12 +200,13 @@ def test_torch_compile_fullgraph_with_dropout():
     (dict(x=torch.ones(5, 8, dtype=torch.int32), residual=torch.ones(5, 8, dtype=torch.int32),
           weight=None, bias=None), RuntimeError, "x to be float32"),
 ])
-def test_bad_input_names_the_argument(bad, error, match):
+@pytest.mark.parametrize("training", (True, False))
+def test_bad_input_names_the_argument(bad, error, match, training):
     args = dict(x=torch.randn(5, 8), residual=torch.randn(5, 8), weight=torch.randn(8), bias=torch.randn(8),
-                eps=1e-5, dropout_p=0.0) | bad
-    with pytest.raises(error, match=match):
+                eps=1e-5, dropout_p=0.1) | bad
+    with pytest.raises(error, match=match):  # eval mode (where nothing drops) checks as much as training
         fasttf.add_layer_norm(args["x"], args["residual"], args["weight"], args["bias"], eps=args["eps"],
-                              dropout_p=args["dropout_p"])
+                              dropout_p=args["dropout_p"], training=training)
 
 
 def test_cpp_checks_too():

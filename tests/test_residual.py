@@ -126,6 +126,8 @@ def test_dropout_p_outside_range(dropout_p):
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="dropout_p in \\[0, 1\\)"):
         fasttf.residual_add(x, x, dropout_p=dropout_p)
+    with pytest.raises(ValueError, match="dropout_p in \\[0, 1\\)"):  # in eval mode too, where nothing drops
+        fasttf.residual_add(x, x, dropout_p=dropout_p, training=False)
     with pytest.raises(ValueError, match="dropout_p in \\[0, 1\\)"):  # the C++ check
         torch.ops.fasttf.residual_add(x, x, dropout_p, torch.tensor(1))
 

@@ -89,10 +89,16 @@ if _extension_ready:
         setup_context=lambda ctx, inputs, output: None)
 
 
+def _drops_nothing(dropout_p, training: bool) -> bool:
+    """p = 0, or eval mode with a valid p: the call may take the op's direct entry without dropout
+    (an invalid p still reaches check_dropout_p and raises, in eval mode too)."""
+    return dropout_p == 0.0 or (not training and 0.0 <= dropout_p < 1.0)
+
+
 def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 0.0,
                  training: bool = True) -> torch.Tensor:
     """`residual + dropout(x)` in one pass of the extension's kernel."""
-    if dropout_p == 0.0 and (extension := _extension.direct(x, residual)) is not None:
+    if _drops_nothing(dropout_p, training) and (extension := _extension.direct(x, residual)) is not None:
         return extension.residual_add(x, residual, 0.0, None)
     check_same_device("residual_add", x=x, residual=residual)
     check_dropout_p("residual_add", dropout_p)
@@ -107,7 +113,7 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor, *, dropout_p: float = 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    *, eps: float = 1e-5, dropout_p: float = 0.0, training: bool = True):
     """`(layer_norm(s) * weight + bias, s)` with `s = residual + dropout(x)`, one pass over x and residual."""
-    if dropout_p == 0.0 and (extension := _extension.direct(x, residual, weight, bias)) is not None:
+    if _drops_nothing(dropout_p, training) and (extension := _extension.direct(x, residual, weight, bias)) is not None:
         out, s, _, _ = extension.add_layer_norm(x, residual, weight, bias, float(eps), 0.0, None)
         return out, s
     op = "add_layer_norm"
