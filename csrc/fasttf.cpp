@@ -96,6 +96,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
      py::arg("scale"), py::arg("seed"));
+  m.def("native_attention_weights", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                       const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
+                                       double scale, const fasttf::OptTensor& seed, bool average_heads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_weights", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const fasttf::OptTensor&, double, bool, double, const fasttf::OptTensor&,
+                                           bool)>();
+    return op.call(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads);
+  }, py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
+     py::arg("scale"), py::arg("seed"), py::arg("average_heads"));
+  m.def("native_attention_backward", [](const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
+                                        double scale, const fasttf::OptTensor& seed,
+                                        const fasttf::OptTensor& grad_weights, bool average_heads,
+                                        bool mask_requires_grad) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_backward", "")
+                         .typed<fasttf::Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const fasttf::OptTensor&, double, bool, double,
+                                                const fasttf::OptTensor&, const fasttf::OptTensor&, bool, bool)>();
+    return op.call(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, grad_weights,
+                   average_heads, mask_requires_grad);
+  }, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+     py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("seed"),
+     py::arg("grad_weights"), py::arg("average_heads"), py::arg("mask_requires_grad"));
   // For tests: the CPU dropout multipliers of elements [start, start + n) as the kernels draw them
   // (each x86 path of dropout.cpp: vectorised loops, AVX-512), beside the keep bytes.
   m.def("_dropout_multipliers", [](uint64_t seed, int64_t start, int64_t n, double dropout_p) {

@@ -294,22 +294,31 @@ def test_learned_bias_gets_its_gradient_from_the_native_kernel():
 
 
 @pytest.mark.parametrize("cpu_kernel", ["native", "triton"])
-def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch, cpu_kernel):
-    # without a gradient to track, the kernel is called directly (not through fasttf::attention_forward's
-    # autograd and dispatch layers): the same kernel, so the same bits as the tracked call
+def test_eager_calls_skip_the_custom_ops_and_match_them(monkeypatch, cpu_kernel):
+    # in eager mode the kernels are called directly (fasttf::attention_forward / _backward's autograd,
+    # redispatch and dynamo layers serve torch.compile): the same kernels, so the same bits -- the
+    # output without a gradient to track, and with one the output and every gradient, a learned mask's too
     if cpu_kernel == "triton" and not kernels.INTERPRET:
         pytest.skip("the Triton kernel on the CPU needs TRITON_INTERPRET=1")
     monkeypatch.setenv("FASTTF_CPU_ATTENTION", cpu_kernel)
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator) for _ in range(3))
-    mask = torch.rand(5, 5, generator=generator) > 0.3
-    tracked = fasttf.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=mask).detach()
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator, requires_grad=True) for _ in range(3))
+    mask = torch.randn(5, 5, generator=generator, requires_grad=True)
+    grad_out = torch.randn(2, 3, 5, 8, generator=generator)
+    out_op, _ = torch.ops.fasttf.attention_forward(q, k, v, mask, 0.0, False, 8 ** -0.5, None)
+    grads_op = torch.autograd.grad(out_op, (q, k, v, mask), grad_out)
     custom_op_calls = []
-    real_op = attention_op.attention_forward
-    monkeypatch.setattr(attention_op, "attention_forward", lambda *args: custom_op_calls.append(args) or real_op(*args))
+    for name in ("attention_forward", "attention_backward"):
+        real_op = getattr(attention_op, name)
+        monkeypatch.setattr(attention_op, name,
+                            lambda *args, real_op=real_op: custom_op_calls.append(args) or real_op(*args))
     with torch.no_grad():
-        assert torch.equal(fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask), tracked)
-    assert torch.equal(fasttf.scaled_dot_product_attention(q.detach(), k, v, attn_mask=mask), tracked)
+        assert torch.equal(fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask), out_op)
+    assert torch.equal(fasttf.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask.detach()),
+                       out_op)
+    out = fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v, mask), grad_out)
     assert custom_op_calls == []
-    fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()  # a gradient: the custom op
-    assert len(custom_op_calls) == 1 and q.grad is not None
+    assert torch.equal(out, out_op)
+    for grad, grad_op in zip(grads, grads_op, strict=True):
+        assert torch.equal(grad, grad_op)

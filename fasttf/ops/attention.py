@@ -85,15 +85,13 @@ def _mask_grad_shape(attn_mask: Tensor) -> tuple[int, ...]:
     return (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
 
 
-@torch.library.custom_op("fasttf::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                       attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
-                       seed: Tensor | None, grad_weights: Tensor | None, average_heads: bool,
-                       mask_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_backward_kernel(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                         grad_weights, average_heads, mask_requires_grad):
+    """(grad_q, grad_k, grad_v, grad_mask) from the kernels for this device: fasttf::attention_backward's
+    body, also called directly by the eager autograd (_EagerAttention)."""
     if _cpu.runs_native(query):  # fasttf's C++ CPU kernel: dmask empty unless asked for, as below
-        return _cpu.native_ops().native_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-                                                           dropout_p, is_causal, scale, seed, grad_weights,
-                                                           average_heads, mask_requires_grad)
+        return _cpu.attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
+                                       scale, seed, grad_weights, average_heads, mask_requires_grad)
     _require_kernel_device(query)
     if grad_weights is not None and grad_weights.dim() != (3 if average_heads else 4):
         raise RuntimeError(f"torch.ops.fasttf.attention_backward: grad_weights of shape {tuple(grad_weights.shape)} "
@@ -112,6 +110,15 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     return grad_q, grad_k, grad_v, dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
 
 
+@torch.library.custom_op("fasttf::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                       attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                       seed: Tensor | None, grad_weights: Tensor | None, average_heads: bool,
+                       mask_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run_backward_kernel(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+                                seed, grad_weights, average_heads, mask_requires_grad)
+
+
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
                              seed, grad_weights, average_heads, mask_requires_grad):
@@ -120,14 +127,19 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, d
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask
 
 
-@torch.library.custom_op("fasttf::attention_weights", mutates_args=())
-def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Tensor | None, dropout_p: float,
-                      is_causal: bool, scale: float, seed: Tensor | None, average_heads: bool) -> Tensor:
+def _run_weights_kernel(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
+    """fasttf::attention_weights' body, also called directly in eager mode (_AttentionWithWeights)."""
     if _cpu.runs_native(query):  # fasttf's C++ CPU kernel
         return _cpu.attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
     _require_kernel_device(query)
     return _kernels.attention_weights(query, key, lse, _expanded_mask(attn_mask, query, key), dropout_p, is_causal,
                                       scale, seed, average_heads)
+
+
+@torch.library.custom_op("fasttf::attention_weights", mutates_args=())
+def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                      is_causal: bool, scale: float, seed: Tensor | None, average_heads: bool) -> Tensor:
+    return _run_weights_kernel(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
 
 
 @attention_weights.register_fake
@@ -136,24 +148,55 @@ def _attention_weights_fake(query, key, lse, attn_mask, dropout_p, is_causal, sc
     return query.new_empty((batch, length_q, key.size(2)) if average_heads else (batch, heads, length_q, key.size(2)))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, out, lse, average_heads=False, eager=False):
+    """What the backward of every attention autograd needs: the inputs, out and lse, the options, and
+    whether the forward ran in eager mode (then the backward may call the kernels directly)."""
     query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
-    out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
-    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.average_heads = dropout_p, is_causal, scale, average_heads
+    ctx.eager = eager
+
+
+def _gradients(ctx, grad_out, grad_weights=None):
+    """(grad_q, grad_k, grad_v, grad_mask or None) from one backward call: the kernels called directly
+    after an eager forward; else (torch.compile traces it), and when the gradient itself must be
+    differentiable (create_graph=True), fasttf::attention_backward, whose own backward raises SecondOrderError."""
+    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+    mask_requires_grad = ctx.needs_input_grad[3] and attn_mask is not None and attn_mask.dtype != torch.bool
+    direct = ctx.eager and not torch.is_grad_enabled()
+    grad_q, grad_k, grad_v, grad_mask = (_run_backward_kernel if direct else attention_backward)(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, grad_weights,
+        ctx.average_heads, mask_requires_grad)
+    return grad_q, grad_k, grad_v, (grad_mask if mask_requires_grad else None)
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    _save(ctx, inputs, out, lse)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
-    mask_requires_grad = ctx.needs_input_grad[3] and attn_mask is not None and attn_mask.dtype != torch.bool
-    grad_q, grad_k, grad_v, grad_mask = attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, None, False,
-        mask_requires_grad)
-    return grad_q, grad_k, grad_v, (grad_mask if mask_requires_grad else None), None, None, None, None
+    return *_gradients(ctx, grad_out), None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """fasttf::attention_forward with its registered autograd, in eager mode: the same kernels, saved
+    tensors and gradients, without the custom op's autograd wrapper, redispatch and dynamo guards
+    (~85 us a forward+backward, more than the kernels at small sizes). torch.compile uses the op."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+        out, lse = _run_forward_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        _save(ctx, (query, key, value, attn_mask, dropout_p, is_causal, scale, seed), out, lse, eager=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return *_gradients(ctx, grad_out), None, None, None, None
 
 
 _no_second_order = no_second_order(OP, "torch.nn.functional.scaled_dot_product_attention (or fasttf.reference."
@@ -174,23 +217,22 @@ class _AttentionWithWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
-        out, lse = torch.ops.fasttf.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
-        weights = torch.ops.fasttf.attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed,
-                                                     average_heads)
-        ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
-        ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.average_heads = dropout_p, is_causal, scale, average_heads
+        inputs = (query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        eager = not torch.compiler.is_compiling()
+        if eager:  # the ops' bodies
+            out, lse = _run_forward_kernel(*inputs)
+            weights = _run_weights_kernel(query, key, lse, *inputs[3:], average_heads)
+        else:  # the ops, which torch.compile traces
+            out, lse = torch.ops.fasttf.attention_forward(*inputs)
+            weights = torch.ops.fasttf.attention_weights(query, key, lse, *inputs[3:], average_heads)
+        _save(ctx, inputs, out, lse, average_heads, eager)
         return out, weights
 
     @staticmethod
     def backward(ctx, grad_out, grad_weights):
-        query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
         if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        mask_requires_grad = ctx.needs_input_grad[3] and attn_mask is not None and attn_mask.dtype != torch.bool
-        grad_q, grad_k, grad_v, grad_mask = torch.ops.fasttf.attention_backward(
-            grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed,
-            grad_weights, ctx.average_heads, mask_requires_grad)
-        return grad_q, grad_k, grad_v, (grad_mask if mask_requires_grad else None), None, None, None, None, None
+            grad_out = torch.zeros_like(ctx.saved_tensors[3])
+        return *_gradients(ctx, grad_out, grad_weights), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,9 +384,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
     arguments = (query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale), seed)
-    if _needs_autograd(query, key, value, attn_mask) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the op, which torch.compile traces
         out, _ = attention_forward(*arguments)
-    else:  # inference: the kernel without the custom op's autograd and dispatch layers (~40 us a call)
+    elif _needs_autograd(query, key, value, attn_mask):  # the op's autograd without its layers
+        out = _EagerAttention.apply(*arguments)
+    else:  # inference: the kernel alone
         out, _ = _run_forward_kernel(*arguments)
     return out if batched else out.squeeze(0)
 

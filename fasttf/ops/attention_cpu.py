@@ -62,17 +62,25 @@ def native_ops():
 
 
 def attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
-    """(out, lse) of the C++ kernel; the contract of fasttf::attention_forward. In eager mode through
-    the op's pybind11 entry (~3 us less a call than torch.ops; the same dispatch)."""
-    if (extension := _extension.direct()) is not None:
-        return extension.native_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
-    return native_ops().native_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+    """(out, lse) of the C++ kernel; the contract of fasttf::attention_forward. These wrappers call the
+    ops through their pybind11 entries in eager mode (~3 us less a call than torch.ops; the same
+    dispatch), through torch.ops under torch.compile."""
+    ops = _extension.direct() or native_ops()
+    return ops.native_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
 
 
 def attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
     """The attention weights after dropout, (N, L, S) head-averaged or (N, H, L, S)."""
-    return native_ops().native_attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed,
-                                           average_heads)
+    ops = _extension.direct() or native_ops()
+    return ops.native_attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
+
+
+def attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                       grad_weights, average_heads, mask_requires_grad):
+    """(dq, dk, dv, dmask) of the C++ kernel; dmask empty unless mask_requires_grad."""
+    ops = _extension.direct() or native_ops()
+    return ops.native_attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
+                                         scale, seed, grad_weights, average_heads, mask_requires_grad)
 
 
 def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
