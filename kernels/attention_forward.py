@@ -129,10 +129,11 @@ def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
 
 
 def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
-    """-> (out (N, H, L, Ev) contiguous, lse2 (N, H, L) float32: log2-sum-exp2 of the scores)."""
+    """-> (out (N, H, L, Ev), laid out (N, L, H, Ev) in memory as torch's flash kernels lay it out (merging
+    the heads afterwards is a view), lse2 (N, H, L) float32: log2-sum-exp2 of the scores)."""
     batch, heads, length_q, head_dim = query.shape
     heads_kv, length_k, value_dim = key.shape[1], key.shape[2], value.shape[3]
-    out = torch.empty((batch, heads, length_q, value_dim), dtype=query.dtype, device=query.device)
+    out = torch.empty((batch, length_q, heads, value_dim), dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = torch.empty((batch, heads, length_q), dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         lse.fill_(float("inf"))

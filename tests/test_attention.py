@@ -174,6 +174,23 @@ def test_masks_broadcast(mask_shape, kind, is_causal, attention_backend):
     check_against_reference(query, key, value, attn_mask=mask, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_output_is_laid_out_as_torch_flash_lays_it_out(attention_backend, dtype):
+    # (N, H, L, Ev) laid out (N, L, H, Ev), as torch's flash kernels return it: merging the heads (what
+    # an attention module does next) is a view; the same strides with and without a gradient, and in
+    # the fake (meta) kernel that torch.compile plans with
+    query, key, value = make_inputs(2, 3, 5, 7, 8, 4, dtype=dtype)
+    for requires_grad in (False, True):
+        out = fasttf.scaled_dot_product_attention(query.requires_grad_(requires_grad), key, value)
+        assert out.shape == (2, 3, 5, 4) and out.stride() == (60, 4, 12, 1)
+        out.transpose(1, 2).view(2, 5, 12)  # a view: raises if it needed a copy
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    fake = [mode.from_tensor(tensor) for tensor in (query.detach(), key, value)]
+    with mode:
+        out, _ = torch.ops.fasttf.attention_forward(*fake, None, 0.0, False, 0.5, None)
+        assert out.stride() == (60, 4, 12, 1)
+
+
 def test_mask_is_read_through_broadcast_strides_not_copied(monkeypatch):
     """The kernel gets a stride-0 view of the caller's mask: same storage, nothing expanded."""
     use_triton_kernel(monkeypatch)

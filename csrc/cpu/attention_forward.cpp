@@ -6,7 +6,7 @@
 //     s = scale Q K^T + bias                                  (BLAS)
 //     m_new = max(m, rowmax s);  p = exp(s - m_new);  l = l exp(m - m_new) + rowsum p
 //     acc = acc exp(m - m_new) + (p * z) V                    (BLAS, beta = 1)
-//   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf)
+//   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf); out laid out (N, L, H, Ev) in memory
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -22,8 +22,11 @@ namespace cpu {
 namespace attention {
 namespace {
 
+// out: (N, H, L, Ev) through its strides (the caller's layout is (N, L, H, Ev)); lse contiguous (N, H, L)
 template <typename acc_t>
-void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
+void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t* lse) {
+  acc_t* const out = out_tensor.data_ptr<acc_t>();
+  const int64_t o_sb = out_tensor.stride(0), o_sh = out_tensor.stride(1), o_sl = out_tensor.stride(2);
   const Tiles tiles = forward_tiles(p.causal, p.L);
   // no larger than the problem: small calls allocate small tile buffers
   const int64_t block_m = std::max<int64_t>(1, std::min(tiles.m, p.L));
@@ -72,7 +75,7 @@ void forward_kernel(const Problem<acc_t>& p, acc_t* out, acc_t* lse) {
                     acc.data() + r0 * p.Ev, p.Ev);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t* o = out + ((b * p.H + h) * p.L + i0 + r) * p.Ev;
+        acc_t* o = out + b * o_sb + h * o_sh + (i0 + r) * o_sl;
         const acc_t* a = acc.data() + r * p.Ev;
         const acc_t inv = l[r] > acc_t(0) ? acc_t(1) / l[r] : acc_t(0);
         for (int64_t e = 0; e < p.Ev; ++e) o[e] = a[e] * inv;
@@ -94,14 +97,16 @@ std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q,
   check_inputs("native_attention_forward", q, k, v, attn_mask, dropout_p, seed);
   const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
   const auto acc_type = qa.scalar_type();
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, qa.options());
+  // out in torch's flash layout: (N, L, H, Ev) in memory, returned as its (N, H, L, Ev) view, so that
+  // merging the heads afterwards ((N, L, H * Ev), what attention modules do next) is a view, not a copy
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, qa.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, qa.options());
   if (acc_type == at::kDouble) {
-    forward_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed),
-                   out.data_ptr<double>(), lse.data_ptr<double>());
+    forward_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
+                   lse.data_ptr<double>());
   } else {
-    forward_kernel(make_problem<float>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed),
-                   out.data_ptr<float>(), lse.data_ptr<float>());
+    forward_kernel(make_problem<float>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
+                   lse.data_ptr<float>());
   }
   return {out.to(q.scalar_type()), lse};
 }

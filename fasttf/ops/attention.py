@@ -31,7 +31,7 @@ from fasttf import reference
 from fasttf._checks import SecondOrderError, check_same_device, check_tensor, no_second_order  # noqa: F401
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
-from fasttf.ops import stat_dtype
+from fasttf.ops import attention_output_like, stat_dtype
 from fasttf.ops import attention_cpu as _cpu  # the C++ CPU kernel and FASTTF_CPU_ATTENTION
 
 OP = "scaled_dot_product_attention"
@@ -75,7 +75,7 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tens
 @attention_forward.register_fake
 def _attention_forward_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     batch, heads, length_q, _ = query.shape
-    out = query.new_empty((batch, heads, length_q, value.size(3)))
+    out = attention_output_like(query, value)
     lse = query.new_empty((batch, heads, length_q), dtype=stat_dtype(query.dtype))
     return out, lse
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fasttf import _extension
-from fasttf.ops import stat_dtype
+from fasttf.ops import attention_output_like, stat_dtype
 
 ENV = "FASTTF_CPU_ATTENTION"
 CHOICES = ("native", "triton")
@@ -44,7 +44,7 @@ def cpu_kernel() -> str:
 
 def runs_native(tensor: Tensor) -> bool:
     """Whether an attention call on `tensor` runs the C++ CPU kernel."""
-    return tensor.is_cpu and (os.environ.get(ENV) is None or cpu_kernel() == "native")
+    return tensor.device.type == "cpu" and (os.environ.get(ENV) is None or cpu_kernel() == "native")
 
 
 def require_interpreter(interpret: bool) -> None:
@@ -93,7 +93,7 @@ if _extension.is_available():
     @torch.library.register_fake("fasttf::native_attention_forward")
     def _forward_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
         n, h, length, _ = q.shape
-        return q.new_empty((n, h, length, v.size(3))), q.new_empty((n, h, length), dtype=stat_dtype(q.dtype))
+        return attention_output_like(q, v), q.new_empty((n, h, length), dtype=stat_dtype(q.dtype))
 
     @torch.library.register_fake("fasttf::native_attention_weights")
     def _weights_fake(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
