@@ -119,9 +119,10 @@ def _in_projection_packed(query: Tensor, key: Tensor, value: Tensor, weight: Ten
     return F.linear(query, weight_q, b_q), F.linear(key, weight_k, b_k), F.linear(value, weight_v, b_v)
 
 
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(S, N, H * E) -> (N, H, S, E), a view of any strided x."""
-    return x.unflatten(-1, (num_heads, x.size(-1) // num_heads)).permute(1, 2, 0, 3)
+def _split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
+    """(S, N, H * E), or (N, S, H * E) when batch_first, -> (N, H, S, E): a view of any strided x."""
+    heads = x.unflatten(-1, (num_heads, x.size(-1) // num_heads))
+    return heads.transpose(1, 2) if batch_first else heads.permute(1, 2, 0, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,14 +164,40 @@ def multi_head_attention_forward(
     Fully masked rows give attention output 0 (before the output projection) and weights 0,
     never NaN.
     """
+    return _multi_head_attention_forward(
+        query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+        add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights,
+        attn_mask, use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v,
+        average_attn_weights, is_causal, batch_first=False)
+
+
+def _as_torch_sees(x: Tensor, batch_first: bool) -> torch.Size:
+    """x's shape as torch's module reports it in errors: sequence first (it transposes batch-first input)."""
+    return x.transpose(0, 1).shape if batch_first else x.shape
+
+
+def _multi_head_attention_forward(
+    query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn,
+    dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights, attn_mask,
+    use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v, average_attn_weights,
+    is_causal, *, batch_first: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """multi_head_attention_forward, whose 3-D query, key, value and output are (N, L, E) when
+    batch_first (fasttf.MultiheadAttention(batch_first=True) calls it so: the projections read and
+    write its tensors as they are, no transposed copies), else (L, N, E)."""
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
     if not is_batched:  # run as a batch of one, squeeze at the end
+        batch_first = False
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
 
-    tgt_len, bsz, embed_dim = query.shape
-    src_len = key.shape[0]
+    if batch_first:
+        bsz, tgt_len, embed_dim = query.shape
+        src_len = key.shape[1]
+    else:
+        tgt_len, bsz, embed_dim = query.shape
+        src_len = key.shape[0]
 
     _check_mask_dtype(key_padding_mask, "key_padding_mask")
     _warn_if_mismatched(key_padding_mask, attn_mask)
@@ -191,10 +218,11 @@ def multi_head_attention_forward(
         raise AssertionError(f"embed_dim {embed_dim} not divisible by num_heads {num_heads}")
     if use_separate_proj_weight:
         if key.shape[:2] != value.shape[:2]:
-            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
-                                 f"{value.shape[:2]}")
+            raise AssertionError(f"key's sequence and batch dims {_as_torch_sees(key, batch_first)[:2]} do not "
+                                 f"match value's {_as_torch_sees(value, batch_first)[:2]}")
     elif key.shape != value.shape:
-        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        raise AssertionError(f"key shape {_as_torch_sees(key, batch_first)} does not match value shape "
+                             f"{_as_torch_sees(value, batch_first)}")
 
     # in-projection: one matmul for self-attention (two when only key is value), q, k, v views of it
     if not use_separate_proj_weight:
@@ -227,8 +255,12 @@ def multi_head_attention_forward(
             raise AssertionError("bias cannot be added to static key.")
         if static_v is not None:
             raise AssertionError("bias cannot be added to static value.")
-        k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
-        v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
+        if batch_first:
+            k = torch.cat([k, bias_k.repeat(bsz, 1, 1)], dim=1)
+            v = torch.cat([v, bias_v.repeat(bsz, 1, 1)], dim=1)
+        else:
+            k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
+            v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
         attn_mask = _append_unmasked_key(attn_mask)
         key_padding_mask = _append_unmasked_key(key_padding_mask)
     elif bias_k is not None:
@@ -238,9 +270,9 @@ def multi_head_attention_forward(
 
     # heads: (S, N, H * E) -> (N, H, S, E), views (the kernel reads any strides); static_k/v come
     # in torch's (N * H, S, E) layout
-    q = _split_heads(q, num_heads)
+    q = _split_heads(q, num_heads, batch_first)
     if static_k is None:
-        k = _split_heads(k, num_heads)
+        k = _split_heads(k, num_heads, batch_first)
     else:
         if static_k.size(0) != bsz * num_heads:
             raise AssertionError(f"expecting static_k.size(0) of {bsz * num_heads}, but got {static_k.size(0)}")
@@ -248,7 +280,7 @@ def multi_head_attention_forward(
             raise AssertionError(f"expecting static_k.size(2) of {head_dim}, but got {static_k.size(2)}")
         k = static_k.unflatten(0, (bsz, num_heads))
     if static_v is None:
-        v = _split_heads(v, num_heads)
+        v = _split_heads(v, num_heads, batch_first)
     else:
         if static_v.size(0) != bsz * num_heads:
             raise AssertionError(f"expecting static_v.size(0) of {bsz * num_heads}, but got {static_v.size(0)}")
@@ -288,10 +320,14 @@ def multi_head_attention_forward(
                                                            is_causal=is_causal)
         weights = None
 
-    # (N, H, L, E) -> (L * N, H * E) -> out projection -> (L, N, embed_dim)
-    merged = heads.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    output = F.linear(merged, out_proj_weight, out_proj_bias)
-    output = output.view(tgt_len, bsz, output.size(1))
+    # (N, H, L, E) -> (N * L, H * E) -> out projection -> (N, L, embed_dim), or the same in (L, N) order:
+    # the kernel's output is laid out (N, L, H, E), so the batch-first merge is a view
+    if batch_first:
+        merged = heads.transpose(1, 2).reshape(bsz * tgt_len, embed_dim)
+        output = F.linear(merged, out_proj_weight, out_proj_bias).view(bsz, tgt_len, -1)
+    else:
+        merged = heads.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+        output = F.linear(merged, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
 
     if not is_batched:
         output = output.squeeze(1)
@@ -345,26 +381,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         if query.is_nested or key.is_nested or value.is_nested:
             raise AssertionError("fasttf.MultiheadAttention does not support NestedTensor inputs: pass a padded "
                                  "tensor and a key_padding_mask")
-        batch_first = self.batch_first and query.dim() == 3
-        if batch_first:  # to sequence first, keeping `query is key is value` (self-attention)
-            if key is value:
-                if query is key:
-                    query = key = value = query.transpose(1, 0)
-                else:
-                    query, key = (x.transpose(1, 0) for x in (query, key))
-                    value = key
-            else:
-                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-        output, weights = multi_head_attention_forward(
+        return _multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
-            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
-            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if batch_first:
-            output = output.transpose(1, 0)
-        return output, weights
+            self.training, key_padding_mask, need_weights, attn_mask, not self._qkv_same_embed_dim,
+            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, None, None, average_attn_weights, is_causal,
+            batch_first=self.batch_first)
 
     @classmethod
     def _like(cls, module: nn.MultiheadAttention, device) -> "MultiheadAttention":

@@ -57,6 +57,12 @@ INVALID_FORWARDS = {  # name: (constructor kwargs, query shape, key shape, value
                                              {"key_padding_mask": torch.zeros(N, S + 1, dtype=_b)}),
     "batch_first, batched query, 2-D key": ({"batch_first": True}, (N, L, E), (S, E), (S, E), {}),
 }
+# every batched case again with batch_first=True (inputs (N, L, E)): the same errors, shapes printed as torch does
+INVALID_FORWARDS |= {
+    "batch_first, " + name: ({**options, "batch_first": True}, *(shape[1::-1] + shape[2:] for shape in shapes), kwargs)
+    for name, (options, *shapes, kwargs) in list(INVALID_FORWARDS.items())
+    if "batch_first" not in options and all(len(shape) == 3 for shape in shapes)
+}
 
 
 @pytest.mark.parametrize("name", list(INVALID_FORWARDS))
