@@ -189,13 +189,17 @@ class _EagerAttention(torch.autograd.Function):
     (~85 us a forward+backward, more than the kernels at small sizes). torch.compile uses the op."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
-        out, lse = _run_forward_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
-        _save(ctx, (query, key, value, attn_mask, dropout_p, is_causal, scale, seed), out, lse, eager=True)
-        return out
+    def forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+        return _run_forward_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):  # (a separate setup_context: torch.func transforms accept it)
+        out, lse = output
+        _save(ctx, inputs, out, lse, eager=True)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
         return *_gradients(ctx, grad_out), None, None, None, None
 
 
@@ -387,7 +391,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if torch.compiler.is_compiling():  # the op, which torch.compile traces
         out, _ = attention_forward(*arguments)
     elif _needs_autograd(query, key, value, attn_mask):  # the op's autograd without its layers
-        out = _EagerAttention.apply(*arguments)
+        out, _ = _EagerAttention.apply(*arguments)
     else:  # inference: the kernel alone
         out, _ = _run_forward_kernel(*arguments)
     return out if batched else out.squeeze(0)
