@@ -1,4 +1,5 @@
-// The autograd kernels of residual_add, add_layer_norm and positional_encoding, in C++ (torch::autograd::Function):
+// The autograd kernels of residual_add, add_layer_norm, positional_encoding and the CPU attention kernel, in C++
+// (torch::autograd::Function):
 // without a Python autograd.Function on the way, a call costs about what eager's `residual + x`
 // costs, which matters at small D where the kernels take tens of microseconds. The forward
 // calls the device kernel below autograd; the backward calls the backward op through the
@@ -65,6 +66,27 @@ c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double)> positional_encod
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fasttf::positional_encoding_backward", "")
                              .typed<at::Tensor(const at::Tensor&, double)>();
+  return op;
+}
+
+using AttentionForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                      const at::Tensor&, const OptTensor&, double,
+                                                                      bool, double, const OptTensor&);
+using AttentionBackwardSignature = Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const OptTensor&, double, bool,
+                                           double, const OptTensor&, const OptTensor&, bool, bool);
+
+c10::TypedOperatorHandle<AttentionForwardSignature> attention_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::native_attention_forward", "")
+                             .typed<AttentionForwardSignature>();
+  return op;
+}
+
+c10::TypedOperatorHandle<AttentionBackwardSignature> attention_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttf::native_attention_backward", "")
+                             .typed<AttentionBackwardSignature>();
   return op;
 }
 
@@ -148,6 +170,49 @@ class PositionalEncoding : public torch::autograd::Function<PositionalEncoding> 
   }
 };
 
+// The CPU attention kernel pair (fasttf.scaled_dot_product_attention's eager calls on CPU tensors):
+//   (dq, dk, dv, dmask) = native_attention_backward(dout, q, k, v, out, lse, ...), dmask only for a
+//   float mask that requires grad; lse is an output without a gradient.
+class NativeAttention : public torch::autograd::Function<NativeAttention> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
+                               const OptTensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = attention_forward_op().call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+    ctx->save_for_backward({q, k, v, out, lse, attn_mask.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const at::Tensor &mask = saved[5], &seed = saved[6];
+    if (!grads[0].defined()) return variable_list(8);
+    // needs_input_grad counts the tensor inputs only: q, k, v, then the mask when given
+    const bool mask_requires_grad = mask.defined() && mask.scalar_type() != at::kBool && ctx->needs_input_grad(3);
+    auto [dq, dk, dv, dmask] = attention_backward_op().call(
+        grads[0], q, k, v, out, lse, optional_of(mask), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toDouble(), optional_of(seed), OptTensor(),
+        false, mask_requires_grad);
+    return {dq, dk, dv, mask_requires_grad ? dmask : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> native_attention_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const OptTensor& attn_mask,
+                                                             double dropout_p, bool is_causal, double scale,
+                                                             const OptTensor& seed) {
+  auto outputs = NativeAttention::apply(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+  return {outputs[0], outputs[1]};
+}
+
 at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
                                         double base, bool batch_first) {
   return PositionalEncoding::apply(x, offsets, offset, scale, base, batch_first);
@@ -170,6 +235,7 @@ TORCH_LIBRARY_IMPL(fasttf, Autograd, m) {
   m.impl("residual_add", &residual_add_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
   m.impl("positional_encoding", &positional_encoding_autograd);
+  m.impl("native_attention_forward", &native_attention_autograd);
 }
 
 }  // namespace fasttf

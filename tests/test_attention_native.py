@@ -317,6 +317,8 @@ def test_eager_calls_skip_the_custom_ops_and_match_them(monkeypatch, cpu_kernel)
     assert torch.equal(fasttf.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask.detach()),
                        out_op)
     out = fasttf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # the C++ kernel's autograd is C++ (csrc/autograd.cpp); the Triton kernel's an autograd.Function
+    assert ("NativeAttention" in out.grad_fn.name()) == (cpu_kernel == "native")
     grads = torch.autograd.grad(out, (q, k, v, mask), grad_out)
     assert custom_op_calls == []
     assert torch.equal(out, out_op)

@@ -184,9 +184,10 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """fasttf::attention_forward with its registered autograd, in eager mode: the same kernels, saved
-    tensors and gradients, without the custom op's autograd wrapper, redispatch and dynamo guards
-    (~85 us a forward+backward, more than the kernels at small sizes). torch.compile uses the op."""
+    """fasttf::attention_forward with its registered autograd, in eager mode, for the Triton kernels
+    (the C++ CPU kernel has its autograd in C++, csrc/autograd.cpp): the same kernels, saved tensors
+    and gradients, without the custom op's autograd wrapper, redispatch and dynamo guards (~85 us a
+    forward+backward, more than the kernels at small sizes). torch.compile uses the op."""
 
     @staticmethod
     def forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
@@ -391,7 +392,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if torch.compiler.is_compiling():  # the op, which torch.compile traces
         out, _ = attention_forward(*arguments)
     elif _needs_autograd(query, key, value, attn_mask):  # the op's autograd without its layers
-        out, _ = _EagerAttention.apply(*arguments)
+        if _cpu.runs_native(query):  # the C++ kernel's own autograd, in C++ (csrc/autograd.cpp)
+            out, _ = _cpu.attention_forward(*arguments)
+        else:
+            out, _ = _EagerAttention.apply(*arguments)
     else:  # inference: the kernel alone
         out, _ = _run_forward_kernel(*arguments)
     return out if batched else out.squeeze(0)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fasttf import _extension
+from fasttf._checks import no_second_order
 from fasttf.ops import attention_output_like, stat_dtype
 
 ENV = "FASTTF_CPU_ATTENTION"
@@ -109,6 +110,14 @@ if _extension.is_available():
         else:
             dmask = q.new_empty((0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+    # The C++ autograd of native_attention_forward (csrc/autograd.cpp) calls the backward op; that op's
+    # own backward (a second order) raises SecondOrderError, never a silent zero or torch's warning.
+    torch.library.register_autograd(
+        "fasttf::native_attention_backward",
+        no_second_order("scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention "
+                                                        "(or fasttf.reference.scaled_dot_product_attention)"),
+        setup_context=lambda ctx, inputs, output: None)
 
     @torch.library.register_fake("fasttf::native_attention_keep_mask")
     def _keep_mask_fake(q, k, dropout_p, seed):
