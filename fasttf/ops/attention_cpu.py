@@ -18,6 +18,10 @@ The extension's ops (what fasttf::attention_forward/_weights/_backward call for 
         -> (dq, dk, dv, dmask)             dmask empty unless mask_requires_grad
     torch.ops.fasttf.native_attention_keep_mask(q, k, dropout_p, seed) -> keep (N, H, L, S) bool
 
+native_attention_forward has its autograd in C++ (csrc/autograd.cpp): fasttf.scaled_dot_product_attention's
+eager calls on CPU tensors call it through its pybind11 entry, gradients and all; out comes back laid
+out (N, L, H, Ev) (fasttf.ops.attention_output_like).
+
 Dropout keeps element (b, h, i, j) when Philox4x32-10(seed, ((b H + h) L + i) S + j) >= p 2^32
 (csrc/philox.h); the seed is the same one-element int64 tensor the Triton path draws.
 """
