@@ -19,75 +19,46 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double, const OptTensor&)>
-residual_add_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::residual_add", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const OptTensor&)>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::residual_add)> residual_add_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::residual_add)>("fasttf::residual_add");
+  return handle;
 }
 
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double, const OptTensor&)> residual_add_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::residual_add_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, double, const OptTensor&)>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::residual_add_backward)> residual_add_backward_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::residual_add_backward)>("fasttf::residual_add_backward");
+  return handle;
 }
 
-using AddLayerNormSignature = Tensor4(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                                      double, const OptTensor&);
-using AddLayerNormBackwardSignature = Tensor4(const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&, const OptTensor&, bool, bool,
-                                              double, const OptTensor&);
-
-c10::TypedOperatorHandle<AddLayerNormSignature> add_layer_norm_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::add_layer_norm", "").typed<AddLayerNormSignature>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::add_layer_norm)> add_layer_norm_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::add_layer_norm)>("fasttf::add_layer_norm");
+  return handle;
 }
 
-c10::TypedOperatorHandle<AddLayerNormBackwardSignature> add_layer_norm_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::add_layer_norm_backward", "")
-                             .typed<AddLayerNormBackwardSignature>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::add_layer_norm_backward)> add_layer_norm_backward_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::add_layer_norm_backward)>("fasttf::add_layer_norm_backward");
+  return handle;
 }
 
-using PositionalEncodingSignature = at::Tensor(const at::Tensor&, const OptTensor&, int64_t, double, double, bool);
-
-c10::TypedOperatorHandle<PositionalEncodingSignature> positional_encoding_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::positional_encoding", "")
-                             .typed<PositionalEncodingSignature>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::positional_encoding)> positional_encoding_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::positional_encoding)>("fasttf::positional_encoding");
+  return handle;
 }
 
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, double)> positional_encoding_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::positional_encoding_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, double)>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::positional_encoding_backward)> positional_encoding_backward_op() {
+  static const auto handle =
+      dispatcher_op<decltype(cpu::positional_encoding_backward)>("fasttf::positional_encoding_backward");
+  return handle;
 }
 
-using AttentionForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                      const at::Tensor&, const OptTensor&, double,
-                                                                      bool, double, const OptTensor&);
-using AttentionBackwardSignature = Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, const at::Tensor&, const OptTensor&, double, bool,
-                                           double, const OptTensor&, const OptTensor&, bool, bool);
-
-c10::TypedOperatorHandle<AttentionForwardSignature> attention_forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::native_attention_forward", "")
-                             .typed<AttentionForwardSignature>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::native_attention_forward)> attention_forward_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::native_attention_forward)>("fasttf::native_attention_forward");
+  return handle;
 }
 
-c10::TypedOperatorHandle<AttentionBackwardSignature> attention_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fasttf::native_attention_backward", "")
-                             .typed<AttentionBackwardSignature>();
-  return op;
+c10::TypedOperatorHandle<decltype(cpu::native_attention_backward)> attention_backward_op() {
+  static const auto handle =
+      dispatcher_op<decltype(cpu::native_attention_backward)>("fasttf::native_attention_backward");
+  return handle;
 }
 
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }

@@ -64,45 +64,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The same ops through pybind11 (they dispatch on the device like torch.ops.fasttf.*).
   m.def("positional_encoding", [](const at::Tensor& x, const fasttf::OptTensor& offsets, int64_t offset, double scale,
                                   double base, bool batch_first) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::positional_encoding", "")
-                         .typed<at::Tensor(const at::Tensor&, const fasttf::OptTensor&, int64_t, double, double, bool)>();
+    static const auto op =
+        fasttf::dispatcher_op<decltype(fasttf::cpu::positional_encoding)>("fasttf::positional_encoding");
     return op.call(x, offsets, offset, scale, base, batch_first);
   }, py::arg("x"), py::arg("offsets"), py::arg("offset"), py::arg("scale"), py::arg("base"), py::arg("batch_first"));
   m.def("residual_add", [](const at::Tensor& x, const at::Tensor& residual, double dropout_p, const fasttf::OptTensor& seed) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::residual_add", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const fasttf::OptTensor&)>();
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::residual_add)>("fasttf::residual_add");
     return op.call(x, residual, dropout_p, seed);
   }, py::arg("x"), py::arg("residual"), py::arg("dropout_p") = 0.0, py::arg("seed") = py::none());
   m.def("dropout_keep_mask", [](const at::Tensor& like, double dropout_p, const fasttf::OptTensor& seed) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::dropout_keep_mask", "")
-                         .typed<at::Tensor(const at::Tensor&, double, const fasttf::OptTensor&)>();
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::dropout_keep_mask)>("fasttf::dropout_keep_mask");
     return op.call(like, dropout_p, seed);
   }, py::arg("like"), py::arg("dropout_p"), py::arg("seed"));
   m.def("add_layer_norm", [](const at::Tensor& x, const at::Tensor& residual, const fasttf::OptTensor& weight,
                              const fasttf::OptTensor& bias, double eps, double dropout_p, const fasttf::OptTensor& seed) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::add_layer_norm", "")
-                         .typed<fasttf::Tensor4(const at::Tensor&, const at::Tensor&, const fasttf::OptTensor&,
-                                                const fasttf::OptTensor&, double, double, const fasttf::OptTensor&)>();
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::add_layer_norm)>("fasttf::add_layer_norm");
     return op.call(x, residual, weight, bias, eps, dropout_p, seed);
   }, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("dropout_p"),
      py::arg("seed"));
   m.def("native_attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
                                        double scale, const fasttf::OptTensor& seed) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_forward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, const fasttf::OptTensor&,
-                                                                   double, bool, double, const fasttf::OptTensor&)>();
+    static const auto op =
+        fasttf::dispatcher_op<decltype(fasttf::cpu::native_attention_forward)>("fasttf::native_attention_forward");
     return op.call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
      py::arg("scale"), py::arg("seed"));
   m.def("native_attention_weights", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                                        const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
                                        double scale, const fasttf::OptTensor& seed, bool average_heads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_weights", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const fasttf::OptTensor&, double, bool, double, const fasttf::OptTensor&,
-                                           bool)>();
+    static const auto op =
+        fasttf::dispatcher_op<decltype(fasttf::cpu::native_attention_weights)>("fasttf::native_attention_weights");
     return op.call(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads);
   }, py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
      py::arg("scale"), py::arg("seed"), py::arg("average_heads"));
@@ -112,11 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                         double scale, const fasttf::OptTensor& seed,
                                         const fasttf::OptTensor& grad_weights, bool average_heads,
                                         bool mask_requires_grad) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttf::native_attention_backward", "")
-                         .typed<fasttf::Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const fasttf::OptTensor&, double, bool, double,
-                                                const fasttf::OptTensor&, const fasttf::OptTensor&, bool, bool)>();
+    static const auto op =
+        fasttf::dispatcher_op<decltype(fasttf::cpu::native_attention_backward)>("fasttf::native_attention_backward");
     return op.call(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, grad_weights,
                    average_heads, mask_requires_grad);
   }, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),

@@ -10,6 +10,13 @@ namespace fasttf {
 using OptTensor = std::optional<at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The dispatcher's handle of op `name`, typed by the C++ function type of its kernels (e.g.
+// `decltype(cpu::residual_add)`): a call through it dispatches on device and autograd like torch.ops.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> dispatcher_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 #define FASTTF_DECLARE_OPS                                                                                        \
   at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,   \
                                  double base, bool batch_first);                                                \
