@@ -322,9 +322,9 @@ def _broadcasts_to(shape, target) -> bool:
     return len(shape) <= len(target) and all(size in (1, full) for size, full in zip(reversed(shape), reversed(target)))
 
 
-def _fallback_reason(query: Tensor, value: Tensor) -> str | None:
-    """Why this call cannot run a fasttf kernel, or None."""
-    if _cpu.runs_native(query):  # the C++ CPU kernel takes every float dtype and head dim
+def _fallback_reason(query: Tensor, value: Tensor, native: bool) -> str | None:
+    """Why this call cannot run a fasttf kernel, or None (native: it runs the C++ CPU kernel)."""
+    if native:  # the C++ CPU kernel takes every float dtype and head dim
         return None
     if query.device.type == "cpu":
         _cpu.require_interpreter(_kernels.INTERPRET)  # FASTTF_CPU_ATTENTION=triton without the interpreter
@@ -358,12 +358,12 @@ def _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 # The public function
 
 
-def _scale_and_fallback(query, value, scale) -> tuple[float, bool]:
+def _scale_and_fallback(query, value, scale, native) -> tuple[float, bool]:
     """After the argument checks, for both entry points: the scale (default 1/sqrt(E)) and whether
     this call falls back to plain torch (warned, or raised under FASTTF_STRICT=1)."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
-    reason = _fallback_reason(query, value)
+    reason = _fallback_reason(query, value, native)
     if reason is not None:
         fall_back(OP, reason)
     return scale, reason is not None
@@ -380,7 +380,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query, key, value and a float attn_mask (its gradient summed over the dims it was broadcast along).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
-    scale, fallback = _scale_and_fallback(query, value, scale)
+    native = _cpu.runs_native(query)  # read once a call (FASTTF_CPU_ATTENTION)
+    scale, fallback = _scale_and_fallback(query, value, scale, native)
     if fallback:
         return _plain_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
@@ -391,11 +392,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     arguments = (query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale), seed)
     if torch.compiler.is_compiling():  # the op, which torch.compile traces
         out, _ = attention_forward(*arguments)
+    elif native:  # the C++ kernel, with its autograd in C++ (csrc/autograd.cpp) where a gradient is tracked
+        out, _ = _cpu.attention_forward(*arguments)
     elif _needs_autograd(query, key, value, attn_mask):  # the op's autograd without its layers
-        if _cpu.runs_native(query):  # the C++ kernel's own autograd, in C++ (csrc/autograd.cpp)
-            out, _ = _cpu.attention_forward(*arguments)
-        else:
-            out, _ = _EagerAttention.apply(*arguments)
+        out, _ = _EagerAttention.apply(*arguments)
     else:  # inference: the kernel alone
         out, _ = _run_forward_kernel(*arguments)
     return out if batched else out.squeeze(0)
@@ -438,7 +438,7 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if query.dim() != 4:
         raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
-    scale, fallback = _scale_and_fallback(query, value, scale)
+    scale, fallback = _scale_and_fallback(query, value, scale, _cpu.runs_native(query))
     if fallback:
         return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
