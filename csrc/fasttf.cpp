@@ -111,6 +111,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
      py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("seed"),
      py::arg("grad_weights"), py::arg("average_heads"), py::arg("mask_requires_grad"));
+  // For tests and reports: the dtype the CPU attention kernel's block products read inputs of a dtype in.
+  m.def("_cpu_attention_operand_dtype", &fasttf::cpu::native_attention_operand_type, py::arg("dtype"));
   // For tests: the CPU dropout multipliers of elements [start, start + n) as the kernels draw them
   // (each x86 path of dropout.cpp: vectorised loops, AVX-512), beside the keep bytes.
   m.def("_dropout_multipliers", [](uint64_t seed, int64_t start, int64_t n, double dropout_p) {

@@ -50,6 +50,9 @@ Tensor4 native_attention_backward(const at::Tensor& grad_out, const at::Tensor& 
                                   bool mask_requires_grad);
 at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, double dropout_p,
                                       const OptTensor& seed);
+// The dtype the block products read q, k, v of this dtype in (float32, float64, or bfloat16 where
+// the CPU has bfloat16 dot products: cpu/attention.h).
+at::ScalarType native_attention_operand_type(at::ScalarType dtype);
 }  // namespace cpu
 
 #ifdef FASTTF_WITH_CUDA

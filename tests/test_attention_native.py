@@ -6,6 +6,7 @@ of its ops, and the FASTTF_CPU_ATTENTION switch. No interpreter needed: this is 
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -91,14 +92,45 @@ def test_mask_gradient_in_place_and_through_the_buffer(layout, is_causal):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_large_dropout_replays_in_the_reference():
-    query, key, value = make_inputs(2, 2, 140, 270, 16, heads_kv=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_dropout_replays_in_the_reference(dtype):
+    query, key, value = make_inputs(2, 2, 140, 270, 16, heads_kv=1, dtype=dtype)
     keep = kernel_keep_mask(query, key, 0.2, torch_seed=4)
     mask = torch.rand(140, 270, generator=torch.Generator().manual_seed(1)) > 0.2
     check_against_reference(query, key, value, attn_mask=mask, is_causal=True, enable_gqa=True, dropout_p=0.2,
                             dropout_mask=keep,
                             run=lambda q, k, v: run_with_dropout(q, k, v, 0.2, 4, attn_mask=mask, is_causal=True,
                                                                  enable_gqa=True))
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def test_bfloat16_products_run_where_the_cpu_has_them():
+    """bfloat16 q, k, v stay bfloat16 in the block products on a CPU with AVX512-BF16 (MKL's bfloat16
+    GEMM, AMX tiles where there are some), unless FASTTF_CPU_ISA caps the ISA; else they are converted."""
+    from fasttf import _C
+    has = "avx512_bf16" in cpu_flags() and os.environ.get("FASTTF_CPU_ISA", "") in ("", "avx512")
+    assert _C._cpu_attention_operand_dtype(torch.bfloat16) == (torch.bfloat16 if has else torch.float32)
+    assert _C._cpu_attention_operand_dtype(torch.float16) == torch.float32
+    assert _C._cpu_attention_operand_dtype(torch.float32) == torch.float32
+    assert _C._cpu_attention_operand_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_bfloat16_rounds_p_as_torch_does(mask_kind):
+    """On the bfloat16 products the output is (p rounded to bfloat16) V / l, as in torch's CPU flash kernel:
+    judged against torch's own bfloat16 SDPA (the accuracy rule) on long rows, where rounding p matters."""
+    query, key, value = make_inputs(2, 4, 300, 700, 64, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    mask = {None: None, "bool": torch.rand(300, 700, generator=generator) > 0.2,
+            "float": torch.randn(2, 1, 300, 700, generator=generator).to(torch.bfloat16)}[mask_kind]
+    check_against_reference(query, key, value, attn_mask=mask)
 
 
 def test_float64_and_big_head_dims_run_natively():  # strict mode: a fallback would raise
@@ -149,7 +181,7 @@ CASES = [  # (mask shape or None, mask kind, is_causal, dropout_p, average_heads
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_weights_and_gradients_against_reference(case, dtype):
     mask_shape, kind, is_causal, dropout_p, average_heads, with_grad_weights = case
@@ -175,7 +207,11 @@ def test_weights_and_gradients_against_reference(case, dtype):
                                       grad_out, grad_weights, mask_grad)
     out64, weights64, grads64 = reference_call(query, key, value, mask, dropout_p, is_causal, scale, keep,
                                                average_heads, grad_out, grad_weights)
-    tolerance = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    # bfloat16: results rounded to 8 bits, p z and ds rounded before their products (bfloat16 products), and
+    # D_i = rowsum(dO * O) read from the rounded output (as torch does): a mask broadcast over keys gets a
+    # gradient of ~0 from cancelling terms of size ~1 (case (2, 1, 70, 1)), off by ~2^-9 of them times 4 heads
+    tolerance = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=2e-4),
+                 torch.bfloat16: dict(atol=4e-2, rtol=2e-2)}[dtype]
     torch.testing.assert_close(out.double(), out64, **tolerance)
     torch.testing.assert_close(weights.double(), weights64, **tolerance)
     assert weights.dtype == dtype and weights.shape == weights_shape

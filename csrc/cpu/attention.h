@@ -21,14 +21,23 @@
 // The forward streams key blocks with an online softmax (running max m and sum l per row, the
 // output rescaled by exp(m_old - m_new)), saves lse = m + log l, and never holds more than one
 // (query block x key block) tile of scores. The backward recomputes p from lse tile by tile.
-// Block products run on the BLAS (at::native::cpublas::gemm: MKL here), the row passes in
-// attention_rows.cpp (omp simd, compiled per x86 level).
+// Block products run on the BLAS (MKL's sgemm / dgemm, which torch's x86 build exports), the row
+// passes in attention_rows.cpp (omp simd, compiled per x86 level).
+//
+// bfloat16 inputs on a CPU with bfloat16 dot products (AVX512-BF16, AMX-BF16) stay bfloat16 in the
+// block products (MKL's gemm_bf16bf16f32: bfloat16 operands, float32 sums, AMX tiles where the
+// CPU has them), as torch's CPU flash kernel and GPU flash attention do: scores, softmax, lse,
+// dropout and the output's sum stay float32, and the operands made in the kernel, p z for
+// (p z) V and (p z)^T dO and ds for ds K and ds^T Q, are rounded to bfloat16 first. Elsewhere
+// (and with FASTTF_CPU_ISA below avx512) bfloat16 inputs are converted to float32 and take the
+// float32 products.
 #pragma once
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 // The Fortran BLAS that libtorch_cpu exports (MKL in torch's x86 builds), and MKL's per-thread
 // thread count: tiles are multiplied on the calling thread only, so results never depend on how
@@ -41,6 +50,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
 int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // MKL only
+// MKL only: row-major-agnostic like sgemm_, with bfloat16 a and b (their bits), float32 c
+void gemm_bf16bf16f32_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const uint16_t* a, const int* lda, const uint16_t* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 }
 
 namespace fasttf {
@@ -89,21 +102,23 @@ struct DropoutSpec {
   double scale = 1.0;
 };
 
-// q, k, v in the kernel's accumulation type (float, or double for float64 inputs), each with a
-// unit stride along its last dim; the strides are in elements.
-template <typename acc_t>
+// q, k, v as the block products read them (in_t: the accumulation type acc_t -- float, or double
+// for float64 inputs -- or at::BFloat16 on the bfloat16 products), each with a unit stride along
+// its last dim; the strides are in elements.
+template <typename acc_t, typename in_t = acc_t>
 struct Problem {
+  using operand_t = in_t;
   int64_t N, H, Hkv, group, L, S, E, Ev;
-  const acc_t *q, *k, *v;
+  const in_t *q, *k, *v;
   int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl;
   acc_t scale;
   bool causal;
   MaskView mask;
   DropoutSpec dropout;
 
-  const acc_t* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * q_sb + h * q_sh + i * q_sl; }
-  const acc_t* k_row(int64_t b, int64_t hk, int64_t j) const { return k + b * k_sb + hk * k_sh + j * k_sl; }
-  const acc_t* v_row(int64_t b, int64_t hk, int64_t j) const { return v + b * v_sb + hk * v_sh + j * v_sl; }
+  const in_t* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * q_sb + h * q_sh + i * q_sl; }
+  const in_t* k_row(int64_t b, int64_t hk, int64_t j) const { return k + b * k_sb + hk * k_sh + j * k_sl; }
+  const in_t* v_row(int64_t b, int64_t hk, int64_t j) const { return v + b * v_sb + hk * v_sh + j * v_sl; }
   int64_t flat(int64_t b, int64_t h, int64_t i, int64_t j) const { return ((b * H + h) * L + i) * S + j; }
   // The last key a query row of [i0, i1) may see, plus one (is_causal: keys j <= i).
   int64_t key_end(int64_t i1) const { return causal ? std::min(S, i1) : S; }
@@ -111,14 +126,19 @@ struct Problem {
   int64_t row_start(int64_t i0, int64_t j0) const { return causal ? std::max(i0, j0) : i0; }
 };
 
-// Accumulation type tensors of the inputs: float32 (float64 for float64), a unit last stride;
-// a view of the input when it already is one, else a converted copy (q, k, v are O(L E), small
-// next to the O(L S) work).
+// Whether bfloat16 inputs take the bfloat16 block products (see the top of this file).
+bool bf16_products();
+// The type the block products read a tensor of this dtype in: bfloat16 where bf16_products(),
+// else the accumulation type (float32, float64 for float64).
+at::ScalarType operand_type(at::ScalarType dtype);
+
+// Tensors of the inputs in operand_type, a unit last stride; a view of the input when it already
+// is one, else a converted copy (q, k, v are O(L E), small next to the O(L S) work).
 at::Tensor as_kernel_operand(const at::Tensor& t);
 
 // The problem over operands made by as_kernel_operand (which must outlive it).
-template <typename acc_t>
-Problem<acc_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+template <typename acc_t, typename in_t = acc_t>
+Problem<acc_t, in_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
                             double scale, const std::optional<at::Tensor>& seed);
 
@@ -139,6 +159,9 @@ float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 // x = exp(x - m) (0 where x = -inf); returns the sum.
 float exp_shift_sum(float* x, int64_t n, float m);
+// The same, the exps rounded to bfloat16 into out (x untouched), their unrounded sum returned;
+// only where bf16_products().
+float exp_shift_sum(const float* x, int64_t n, float m, at::BFloat16* out);
 double exp_shift_sum(double* x, int64_t n, double m);
 // z[j] = keep(seed, start + j) ? scale : 0.
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z);
@@ -167,6 +190,23 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 template <typename acc_t>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, int64_t lda,
           const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc);
+// bfloat16 A and B, float32 C (only where bf16_products()).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
+          int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// A tile's rows as a block product's operand: rows x n values of src (row stride ld) in in_t
+// (row stride ld). For in_t = acc_t that is src itself; for bfloat16 they are rounded to
+// nearest even into dst, and dst is returned.
+void round_rows(const float* src, at::BFloat16* dst, int64_t rows, int64_t n, int64_t ld);
+template <typename in_t, typename acc_t>
+const in_t* tile_operand(const acc_t* src, in_t* dst, int64_t rows, int64_t n, int64_t ld) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    return src;
+  } else {
+    round_rows(src, dst, rows, n, ld);
+    return dst;
+  }
+}
 
 }  // namespace attention
 }  // namespace cpu

@@ -12,6 +12,8 @@
 //       dV_j += (p z)^T dO_i                              (BLAS)
 //       ds = p (dp - D_i)                                 -> the float mask's gradient
 //       dK_j += scale ds^T Q_i,  dQ_i += scale ds K_j     (BLAS)
+//   (on the bfloat16 products, attention.h: p z and ds rounded to bfloat16 for their products;
+//   dQ, dK, dV summed in float32)
 //
 // The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
@@ -33,9 +35,10 @@ namespace cpu {
 namespace attention {
 namespace {
 
-template <typename acc_t>
+template <typename acc_t, typename in_t = acc_t>
 struct Grads {
-  const acc_t *dout, *out, *lse;
+  const in_t *dout, *out;  // in the operand type of q, k, v
+  const acc_t* lse;
   int64_t do_sb, do_sh, do_sl, o_sb, o_sh, o_sl;
   const acc_t* dw = nullptr;  // contiguous (N, H, L, S), or (N, L, S) when averaged
   bool dw_averaged = false;
@@ -50,13 +53,14 @@ struct Grads {
   bool fold_batches = false, fold_heads = false;
 };
 
-template <typename acc_t>
-const acc_t* dw_row(const Problem<acc_t>& p, const Grads<acc_t>& g, int64_t b, int64_t h, int64_t i) {
+template <typename acc_t, typename in_t>
+const acc_t* dw_row(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i) {
   return g.dw_averaged ? g.dw + (b * p.L + i) * p.S : g.dw + ((b * p.H + h) * p.L + i) * p.S;
 }
 
-template <typename acc_t>
-void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
+template <typename acc_t, typename in_t>
+void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g) {
+  constexpr bool kRound = !std::is_same_v<in_t, acc_t>;  // p z and ds rounded for bfloat16 products
   const acc_t dw_scale = g.dw_averaged ? acc_t(1) / static_cast<acc_t>(p.H) : acc_t(1);
   const Tiles tiles = backward_tiles(p.causal, p.L);
   // no larger than the problem: small calls allocate small tile buffers
@@ -69,6 +73,8 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * block_n), dptile = scratch<acc_t>(block_m * block_n);
     const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * block_n : 0);
+    const auto pz_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
+    const auto ds_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
     std::vector<acc_t> z(block_n), delta(block_m);
     for (int64_t task = begin; task < end; ++task) {
      const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
@@ -82,23 +88,23 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         for (int64_t i0 = 0; i0 < p.L; i0 += block_m) {
           const int64_t i1 = std::min(i0 + block_m, p.L), rows = i1 - i0, key_end = p.key_end(i1);
-          const acc_t* q_i = p.q_row(b, h, i0);
-          const acc_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
+          const in_t* q_i = p.q_row(b, h, i0);
+          const in_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
           const acc_t* lse_i = g.lse + (b * p.H + h) * p.L + i0;
           acc_t* dq_i = g.dq + ((b * p.H + h) * p.L + i0) * p.E;
           std::fill(dq_i, dq_i + rows * p.E, acc_t(0));
           for (int64_t r = 0; r < rows; ++r) {
-            const acc_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
-            const acc_t* d = do_i + r * g.do_sl;
+            const in_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
+            const in_t* d = do_i + r * g.do_sl;
             acc_t sum = 0;
-            for (int64_t e = 0; e < p.Ev; ++e) sum += d[e] * o[e];
+            for (int64_t e = 0; e < p.Ev; ++e) sum += static_cast<acc_t>(d[e]) * static_cast<acc_t>(o[e]);
             delta[r] = sum;
           }
           // Recomputes p (rows r0.. of the tile) for the key block at j0; returns r0.
           auto probabilities = [&](int64_t j0, int64_t n) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
-            gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl,
-                        p.k_row(b, hk, j0), p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
+            gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
+                 p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
             for (int64_t r = r0; r < rows; ++r) {
               acc_t* row = ptile.get() + r * block_n;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
@@ -128,8 +134,8 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
             const int64_t n = std::min(j0 + block_n, key_end) - j0;
             const int64_t r0 = probabilities(j0, n), m = rows - r0;
             acc_t* dp = dptile.get() + r0 * block_n;
-            gemm<acc_t>(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
-                        acc_t(0), dp, block_n);
+            gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
+                 acc_t(0), dp, block_n);
             const acc_t* pz = ptile.get() + r0 * block_n;
             if (p.dropout.on) pz = pztile.get() + r0 * block_n;
             for (int64_t r = r0; r < rows; ++r) {
@@ -157,13 +163,25 @@ void backward_kernel(const Problem<acc_t>& p, const Grads<acc_t>& g) {
                   dst[0] += sum;
                 }
               }
+              if constexpr (kRound) {
+                tile_operand<in_t>(p.dropout.on ? pztile.get() + r * block_n : pr, pz_rounded.get() + r * block_n, 1,
+                                   n, block_n);
+                tile_operand<in_t>(dpr, ds_rounded.get() + r * block_n, 1, n, block_n);
+              }
             }
-            gemm<acc_t>(true, false, n, p.Ev, m, acc_t(1), pz, block_n, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
-                        dv + j0 * p.Ev, p.Ev);
-            gemm<acc_t>(true, false, n, p.E, m, p.scale, dp, block_n, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
-                        dk + j0 * p.E, p.E);
-            gemm<acc_t>(false, false, m, p.E, n, p.scale, dp, block_n, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
-                        dq_i + r0 * p.E, p.E);
+            const in_t* pz_op;  // the operands (p z) and ds, rounded to in_t
+            const in_t* ds_op;
+            if constexpr (kRound) {
+              pz_op = pz_rounded.get() + r0 * block_n, ds_op = ds_rounded.get() + r0 * block_n;
+            } else {
+              pz_op = pz, ds_op = dp;
+            }
+            gemm(true, false, n, p.Ev, m, acc_t(1), pz_op, block_n, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
+                 dv + j0 * p.Ev, p.Ev);
+            gemm(true, false, n, p.E, m, p.scale, ds_op, block_n, q_i + r0 * p.q_sl, p.q_sl, acc_t(1), dk + j0 * p.E,
+                 p.E);
+            gemm(false, false, m, p.E, n, p.scale, ds_op, block_n, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
+                 dq_i + r0 * p.E, p.E);
           }
         }
       }
@@ -203,20 +221,21 @@ at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
   return dmask.view(mask.sizes());
 }
 
-template <typename acc_t>
+template <typename acc_t, typename in_t = acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
     const OptTensor& seed, const OptTensor& grad_weights, bool average_heads, bool mask_requires_grad) {
   const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
   const auto doa = as_kernel_operand(grad_out), oa = as_kernel_operand(out);
-  const auto lsea = lse.to(qa.scalar_type()).contiguous();
-  const auto problem = make_problem<acc_t>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed);
-  auto dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, qa.options());  // zeroed by its task
-  auto dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, qa.options());  // zeroed by its task
-  auto dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, qa.options());  // zeroed by its task
-  Grads<acc_t> g;
-  g.dout = doa.data_ptr<acc_t>(), g.out = oa.data_ptr<acc_t>(), g.lse = lsea.data_ptr<acc_t>();
+  const at::TensorOptions acc = qa.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto lsea = lse.to(acc).contiguous();
+  const auto problem = make_problem<acc_t, in_t>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed);
+  auto dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, acc);  // zeroed by its task
+  auto dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, acc);  // zeroed by its task
+  auto dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, acc);  // zeroed by its task
+  Grads<acc_t, in_t> g;
+  g.dout = doa.data_ptr<in_t>(), g.out = oa.data_ptr<in_t>(), g.lse = lsea.data_ptr<acc_t>();
   g.do_sb = doa.stride(0), g.do_sh = doa.stride(1), g.do_sl = doa.stride(2);
   g.o_sb = oa.stride(0), g.o_sh = oa.stride(1), g.o_sl = oa.stride(2);
   g.dq = dq.data_ptr<acc_t>(), g.dk = dk.data_ptr<acc_t>(), g.dv = dv.data_ptr<acc_t>();
@@ -229,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
       TORCH_CHECK(grad_weights->dim() == 4, "fasttf.native_attention_backward: expected grad_weights of shape ",
                   "(N, H, L, S), got ", shape_str(grad_weights->sizes()));
     }
-    dw = grad_weights->to(qa.scalar_type()).contiguous();
+    dw = grad_weights->to(acc).contiguous();
     g.dw = dw.data_ptr<acc_t>();
     g.dw_averaged = average_heads;
   }
@@ -241,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     // In place when that leaves at least kMinTasks tasks (a mask over every batch, or one
     // broadcast over batches with several kv heads); else through the (N, H, L, S) buffer.
     constexpr int64_t kMinTasks = 4;
-    dmask = at::zeros(attn_mask->sizes(), qa.options());
+    dmask = at::zeros(attn_mask->sizes(), acc);
     const auto strides = dmask.expand({q.size(0), q.size(1), q.size(2), k.size(2)}).strides();
     g.fold_batches = strides[0] == 0 && problem.N > 1;
     g.fold_heads = strides[1] == 0 && problem.Hkv > 1;
@@ -251,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
       g.dm_sb = strides[0], g.dm_sh = strides[1], g.dm_sl = strides[2], g.dm_ss = strides[3];
     } else {
       g.fold_batches = g.fold_heads = false;
-      dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, qa.options());
+      dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, acc);
       g.dmask_full = dmask_full.data_ptr<acc_t>();
     }
   }
@@ -281,6 +300,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_attention_back
   if (q.scalar_type() == at::kDouble) {
     return run_backward<double>(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
                                 grad_weights, average_heads, mask_requires_grad);
+  }
+  if (operand_type(q.scalar_type()) == at::kBFloat16) {
+    return run_backward<float, at::BFloat16>(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale,
+                                             seed, grad_weights, average_heads, mask_requires_grad);
   }
   return run_backward<float>(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
                              grad_weights, average_heads, mask_requires_grad);

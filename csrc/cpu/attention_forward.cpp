@@ -5,7 +5,8 @@
 //                                   only keys j < i1: the tile is trimmed row by row)
 //     s = scale Q K^T + bias                                  (BLAS)
 //     m_new = max(m, rowmax s);  p = exp(s - m_new);  l = l exp(m - m_new) + rowsum p
-//     acc = acc exp(m - m_new) + (p * z) V                    (BLAS, beta = 1)
+//     acc = acc exp(m - m_new) + (p * z) V                    (BLAS, beta = 1; p * z rounded to
+//                                                              bfloat16 first on the bfloat16 products)
 //   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf); out laid out (N, L, H, Ev) in memory
 #include <ATen/Parallel.h>
 
@@ -23,8 +24,9 @@ namespace attention {
 namespace {
 
 // out: (N, H, L, Ev) through its strides (the caller's layout is (N, L, H, Ev)); lse contiguous (N, H, L)
-template <typename acc_t>
-void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t* lse) {
+template <typename acc_t, typename in_t>
+void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor, acc_t* lse) {
+  constexpr bool kRoundP = !std::is_same_v<in_t, acc_t>;  // (p z) V on bfloat16 operands
   acc_t* const out = out_tensor.data_ptr<acc_t>();
   const int64_t o_sb = out_tensor.stride(0), o_sh = out_tensor.stride(1), o_sl = out_tensor.stride(2);
   const Tiles tiles = forward_tiles(p.causal, p.L);
@@ -36,6 +38,7 @@ void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto scores = scratch<acc_t>(block_m * block_n);
+    const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * block_n : 0);
     std::vector<acc_t> acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
@@ -48,8 +51,8 @@ void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t
         const int64_t n = std::min(j0 + block_n, key_end) - j0;
         const int64_t r0 = p.row_start(i0, j0) - i0;
         acc_t* s = scores.get() + r0 * block_n;
-        gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
-                    p.k_sl, acc_t(0), s, block_n);
+        gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
+             acc_t(0), s, block_n);
         for (int64_t r = r0; r < rows; ++r) {
           acc_t* row = scores.get() + r * block_n;
           const int64_t i = i0 + r;
@@ -57,10 +60,19 @@ void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t
           const acc_t m_new = std::max(m[r], row_max(row, n));
           if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // nothing seen yet in this row
             std::fill(row, row + n, acc_t(0));
+            if constexpr (kRoundP) tile_operand<in_t>(row, scores_rounded.get() + r * block_n, 1, n, block_n);
             continue;
           }
           const acc_t alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          const acc_t sum = exp_shift_sum(row, n, m_new);
+          in_t* rounded = nullptr;  // the row's operand for (p z) V when it is not row itself
+          acc_t sum;
+          if constexpr (kRoundP) {
+            rounded = scores_rounded.get() + r * block_n;
+            // p straight into its rounded operand when there is no dropout to apply first
+            sum = p.dropout.on ? exp_shift_sum(row, n, m_new) : exp_shift_sum(row, n, m_new, rounded);
+          } else {
+            sum = exp_shift_sum(row, n, m_new);
+          }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != acc_t(1)) {  // acc_r *= alpha
@@ -69,10 +81,13 @@ void forward_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t
           }
           if (p.dropout.on) {
             apply_dropout(p.dropout, p.flat(b, h, i, j0), n, row, z.data());
+            if constexpr (kRoundP) tile_operand<in_t>(row, rounded, 1, n, block_n);
           }
         }
-        gemm<acc_t>(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
-                    acc.data() + r0 * p.Ev, p.Ev);
+        const in_t* pz;  // the (p z) operand
+        if constexpr (kRoundP) pz = scores_rounded.get() + r0 * block_n; else pz = s;
+        gemm(false, false, rows - r0, p.Ev, n, acc_t(1), pz, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+             acc.data() + r0 * p.Ev, p.Ev);
       }
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* o = out + b * o_sb + h * o_sh + (i0 + r) * o_sl;
@@ -96,14 +111,18 @@ std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q,
   using namespace attention;
   check_inputs("native_attention_forward", q, k, v, attn_mask, dropout_p, seed);
   const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
-  const auto acc_type = qa.scalar_type();
+  const auto operand = qa.scalar_type();  // float32, float64 or bfloat16 (operand_type)
   // out in torch's flash layout: (N, L, H, Ev) in memory, returned as its (N, H, L, Ev) view, so that
   // merging the heads afterwards ((N, L, H * Ev), what attention modules do next) is a view, not a copy
-  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, qa.options()).transpose(1, 2);
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, qa.options());
-  if (acc_type == at::kDouble) {
+  const auto acc_options = qa.options().dtype(operand == at::kDouble ? at::kDouble : at::kFloat);
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, acc_options).transpose(1, 2);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, acc_options);
+  if (operand == at::kDouble) {
     forward_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
                    lse.data_ptr<double>());
+  } else if (operand == at::kBFloat16) {
+    forward_kernel(make_problem<float, at::BFloat16>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
+                   lse.data_ptr<float>());
   } else {
     forward_kernel(make_problem<float>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
                    lse.data_ptr<float>());

@@ -5,6 +5,7 @@
 #include "../checks.h"
 #include "../philox.h"
 #include "attention.h"
+#include "simd.h"
 
 namespace fasttf {
 namespace cpu {
@@ -53,12 +54,27 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
+bool bf16_products() {
+#if defined(__x86_64__)
+  // MKL's bfloat16 product, a CPU with AVX512-BF16 (AMX-BF16 CPUs have it), FASTTF_CPU_ISA not below avx512
+  static const bool yes = gemm_bf16bf16f32_ != nullptr && has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+at::ScalarType operand_type(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return at::kDouble;
+  return dtype == at::kBFloat16 && bf16_products() ? at::kBFloat16 : at::kFloat;
+}
+
 at::Tensor as_kernel_operand(const at::Tensor& t) {
-  const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto type = operand_type(t.scalar_type());
   // BLAS reads rows at a unit stride, one row every stride(-2) >= size(-1) elements.
   const bool blas_ok = (t.stride(-1) == 1 || t.size(-1) <= 1) && t.stride(-2) >= std::max<int64_t>(t.size(-1), 1);
-  if (t.scalar_type() == acc && blas_ok) return t;
-  return t.to(acc).contiguous();
+  if (t.scalar_type() == type && blas_ok) return t;
+  return t.to(type).contiguous();
 }
 
 DropoutSpec dropout_spec(double dropout_p, const std::optional<at::Tensor>& seed) {
@@ -82,15 +98,15 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
   return m;
 }
 
-template <typename acc_t>
-Problem<acc_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
-                            double scale, const std::optional<at::Tensor>& seed) {
-  Problem<acc_t> p;
+template <typename acc_t, typename in_t>
+Problem<acc_t, in_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+                                  double scale, const std::optional<at::Tensor>& seed) {
+  Problem<acc_t, in_t> p;
   p.N = q.size(0), p.H = q.size(1), p.Hkv = k.size(1), p.L = q.size(2), p.S = k.size(2);
   p.E = q.size(3), p.Ev = v.size(3);
   p.group = p.H / p.Hkv;
-  p.q = q.data_ptr<acc_t>(), p.k = k.data_ptr<acc_t>(), p.v = v.data_ptr<acc_t>();
+  p.q = q.data_ptr<in_t>(), p.k = k.data_ptr<in_t>(), p.v = v.data_ptr<in_t>();
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
@@ -107,6 +123,9 @@ template Problem<float> make_problem<float>(const at::Tensor&, const at::Tensor&
 template Problem<double> make_problem<double>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                               const std::optional<at::Tensor>&, double, bool, double,
                                               const std::optional<at::Tensor>&);
+template Problem<float, at::BFloat16> make_problem<float, at::BFloat16>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, bool, double,
+    const std::optional<at::Tensor>&);
 
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T:
 // the same call with the operands swapped. The BLAS is the one torch's CPU build carries (MKL on
@@ -130,6 +149,18 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
                           int64_t, float, float*, int64_t);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
+          int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  TORCH_INTERNAL_ASSERT(gemm_bf16bf16f32_ != nullptr, "fasttf: MKL's gemm_bf16bf16f32 is not in this torch");
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int ila = static_cast<int>(std::max<int64_t>(ldb, 1)), ilb = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int ilc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  gemm_bf16bf16f32_(&ta, &tb, &im, &in, &ik, &alpha, reinterpret_cast<const uint16_t*>(b), &ila,
+                    reinterpret_cast<const uint16_t*>(a), &ilb, &beta, c, &ilc);
+}
 
 }  // namespace attention
 }  // namespace cpu

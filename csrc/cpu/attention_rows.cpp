@@ -206,7 +206,33 @@ __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t 
   return _mm512_reduce_add_ps(total);
 }
 
+// The same exp, the results rounded to bfloat16 into out (vcvtneps2bf16: to nearest even; they are
+// 0 or at least 2^-125, never subnormal) and summed unrounded; x is left as it was.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) float exp_shift_sum_bf16_avx512(const float* x, int64_t n, float m,
+                                                                             uint16_t* out) {
+  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExp2Low), log2e = _mm512_set1_ps(kLog2e);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift), log2e);
+    const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, t, low, _CMP_NLT_UQ);  // NaN: kept, stays NaN
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, whole);
+    __m512 poly = _mm512_set1_ps(kExp2Poly[0]);
+    for (int c = 1; c < 7; ++c) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2Poly[c]));
+    const __m512 result = _mm512_maskz_scalef_ps(kept, poly, whole);
+    _mm256_mask_storeu_epi16(out + j, lanes, (__m256i)_mm512_cvtneps_pbh(result));
+    total = _mm512_add_ps(total, result);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
 }  // namespace
+
+float exp_shift_sum(const float* x, int64_t n, float m, at::BFloat16* out) {
+  TORCH_INTERNAL_ASSERT(bf16_products());
+  return exp_shift_sum_bf16_avx512(x, n, m, reinterpret_cast<uint16_t*>(out));
+}
 
 float exp_shift_sum(float* x, int64_t n, float m) {
   if (has_avx512()) return exp_shift_sum_avx512(x, n, m);
@@ -272,6 +298,28 @@ void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, float* row, f
 void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, double* row, double* z) {
   dropout_row(d, start, n, z);
   for (int64_t j = 0; j < n; ++j) row[j] *= z[j];
+}
+
+namespace {
+
+// dst[j] = src[j] rounded to bfloat16, to nearest even (NaN stays NaN), the bits of c10::BFloat16(x)
+// in integer ops the compiler vectorises.
+FASTTF_BODY void round_row_body(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, src + j, sizeof(bits));
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    dst[j] = static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
+  }
+}
+FASTTF_PER_ISA(void, round_row, (const float* src, uint16_t* dst, int64_t n), (src, dst, n))
+
+}  // namespace
+
+void round_rows(const float* src, at::BFloat16* dst, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) round_row(src + r * ld, reinterpret_cast<uint16_t*>(dst + r * ld), n);
 }
 
 void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {

@@ -18,15 +18,15 @@ namespace attention {
 namespace {
 
 // w[(task rows) x S] (+)= p z for head h of batch b, rows [i0, i1); keys past the causal end untouched.
-template <typename acc_t>
-void head_weights(const Problem<acc_t>& p, const acc_t* lse, int64_t b, int64_t h, int64_t i0, int64_t i1,
+template <typename acc_t, typename in_t>
+void head_weights(const Problem<acc_t, in_t>& p, const acc_t* lse, int64_t b, int64_t h, int64_t i0, int64_t i1,
                   acc_t* w, bool accumulate, std::vector<acc_t>& tile, std::vector<acc_t>& z) {
   const int64_t rows = i1 - i0, hk = h / p.group, key_end = p.key_end(i1);
   for (int64_t j0 = 0; j0 < key_end; j0 += kBlockN) {
     const int64_t n = std::min(j0 + kBlockN, key_end) - j0;
     const int64_t r0 = p.row_start(i0, j0) - i0;
-    gemm<acc_t>(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
-                acc_t(0), tile.data() + r0 * kBlockN, kBlockN);
+    gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
+         acc_t(0), tile.data() + r0 * kBlockN, kBlockN);
     for (int64_t r = r0; r < rows; ++r) {
       acc_t* row = tile.data() + r * kBlockN;
       const acc_t l = lse[(b * p.H + h) * p.L + i0 + r];
@@ -46,8 +46,8 @@ void head_weights(const Problem<acc_t>& p, const acc_t* lse, int64_t b, int64_t 
   }
 }
 
-template <typename acc_t>
-void weights_kernel(const Problem<acc_t>& p, const acc_t* lse, bool average_heads, acc_t* w) {
+template <typename acc_t, typename in_t>
+void weights_kernel(const Problem<acc_t, in_t>& p, const acc_t* lse, bool average_heads, acc_t* w) {
   const int64_t blocks_m = (p.L + kBlockM - 1) / kBlockM;
   const int64_t heads = average_heads ? 1 : p.H;
   at::parallel_for(0, p.N * heads * blocks_m, 1, [&](int64_t begin, int64_t end) {
@@ -78,12 +78,16 @@ at::Tensor native_attention_weights(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "fasttf.native_attention_weights: expected lse of shape (N, H, L), got ", shape_str(lse.sizes()));
   const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k);
-  const auto lsea = lse.to(qa.scalar_type()).contiguous();
+  const auto acc = qa.options().dtype(qa.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto lsea = lse.to(acc).contiguous();
   const int64_t N = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2);
-  auto w = average_heads ? at::zeros({N, L, S}, qa.options()) : at::zeros({N, H, L, S}, qa.options());
+  auto w = average_heads ? at::zeros({N, L, S}, acc) : at::zeros({N, H, L, S}, acc);
   if (qa.scalar_type() == at::kDouble) {
     weights_kernel(make_problem<double>(qa, ka, ka, attn_mask, dropout_p, is_causal, scale, seed),
                    lsea.data_ptr<double>(), average_heads, w.data_ptr<double>());
+  } else if (qa.scalar_type() == at::kBFloat16) {
+    weights_kernel(make_problem<float, at::BFloat16>(qa, ka, ka, attn_mask, dropout_p, is_causal, scale, seed),
+                   lsea.data_ptr<float>(), average_heads, w.data_ptr<float>());
   } else {
     weights_kernel(make_problem<float>(qa, ka, ka, attn_mask, dropout_p, is_causal, scale, seed),
                    lsea.data_ptr<float>(), average_heads, w.data_ptr<float>());
@@ -105,6 +109,8 @@ at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, 
   });
   return keep;
 }
+
+at::ScalarType native_attention_operand_type(at::ScalarType dtype) { return attention::operand_type(dtype); }
 
 }  // namespace cpu
 }  // namespace fasttf
