@@ -40,6 +40,7 @@ and the kernel's own causal masking replaces the mask only when there is no key 
 and no weights are asked for (torch's weights path reads the mask itself).
 """
 
+import sys
 import warnings
 
 import torch
@@ -59,11 +60,25 @@ def _check_mask_dtype(mask: Tensor | None, mask_name: str) -> None:
         raise AssertionError(f"only bool and floating types of {mask_name} are supported")
 
 
-def _warn_if_mismatched(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> None:
-    """torch's deprecation warning for a key padding mask and an attn mask of different dtypes."""
+_MODULE_CALL_FILE = nn.modules.module.__file__  # torch's Module.__call__ (_wrapped_call_impl, _call_impl)
+
+
+def _warn_if_mismatched(key_padding_mask: Tensor | None, attn_mask: Tensor | None, stacklevel: int) -> None:
+    """torch's deprecation warning for a key padding mask and an attn mask of different dtypes,
+    located at the line that called fasttf: `stacklevel` is warnings.warn's as counted from this
+    function, naming the entry point's caller; it is moved on past the frames of torch's
+    Module.__call__ (how many depends on hooks and on the torch version), so that a module's
+    warning names the line that called the module, not torch's module.py."""
     if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        try:
+            frame = sys._getframe(stacklevel - 1)  # the frame that stacklevel names
+        except ValueError:  # fewer frames than that: leave it to warnings.warn
+            frame = None
+        while frame is not None and frame.f_back is not None and frame.f_code.co_filename == _MODULE_CALL_FILE:
+            frame = frame.f_back
+            stacklevel += 1
         warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
-                      "Use same type for both instead.", stacklevel=3)
+                      "Use same type for both instead.", stacklevel=stacklevel)
 
 
 def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -173,7 +188,7 @@ def multi_head_attention_forward(
         query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
         add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights,
         attn_mask, use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v,
-        average_attn_weights, is_causal, batch_first=False)
+        average_attn_weights, is_causal, batch_first=False, stacklevel=2)
 
 
 def _as_torch_sees(x: Tensor, batch_first: bool) -> torch.Size:
@@ -185,11 +200,13 @@ def _multi_head_attention_forward(
     query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn,
     dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights, attn_mask,
     use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v, average_attn_weights,
-    is_causal, *, batch_first: bool,
+    is_causal, *, batch_first: bool, stacklevel: int,
 ) -> tuple[Tensor, Tensor | None]:
     """multi_head_attention_forward, whose 3-D query, key, value and output are (N, L, E) when
     batch_first (fasttf.MultiheadAttention(batch_first=True) calls it so: the projections read and
-    write its tensors as they are, no transposed copies), else (L, N, E)."""
+    write its tensors as they are, no transposed copies), else (L, N, E). `stacklevel`: the one
+    warnings.warn would take in the entry point that calls this (2: that entry point's caller),
+    for the mismatched-masks warning."""
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
     if not is_batched:  # run as a batch of one, squeeze at the end
         batch_first = False
@@ -205,7 +222,7 @@ def _multi_head_attention_forward(
         src_len = key.shape[0]
 
     _check_mask_dtype(key_padding_mask, "key_padding_mask")
-    _warn_if_mismatched(key_padding_mask, attn_mask)
+    _warn_if_mismatched(key_padding_mask, attn_mask, stacklevel + 2)  # + this frame and the helper's
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                            "method `generate_square_subsequent_mask` to create this mask.")
@@ -391,7 +408,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
             self.training, key_padding_mask, need_weights, attn_mask, not self._qkv_same_embed_dim,
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, None, None, average_attn_weights, is_causal,
-            batch_first=self.batch_first)
+            batch_first=self.batch_first, stacklevel=2)  # past Module.__call__: see _warn_if_mismatched
 
     @classmethod
     def _like(cls, module: nn.MultiheadAttention, device) -> "MultiheadAttention":

@@ -145,6 +145,25 @@ def test_mismatched_mask_types_warn_as_torch(padding_dtype, attn_dtype):
     assert bool(expected) == (padding_dtype != attn_dtype)
 
 
+@pytest.mark.parametrize("entry", ["module", "functional"])
+def test_the_mismatched_masks_warning_names_the_callers_line(entry):
+    """Not a line inside fasttf, nor torch's Module.__call__: the line that called fasttf."""
+    masks = dict(key_padding_mask=torch.zeros(N, S, dtype=torch.bool), attn_mask=torch.zeros(L, S))
+    args = _functional_args(need_weights=False, **masks)
+    module = fasttf.MultiheadAttention(E, H)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if entry == "module":
+            line = inspect.currentframe().f_lineno + 1
+            module(args["query"], args["key"], args["value"], need_weights=False, **masks)
+        else:
+            line = inspect.currentframe().f_lineno + 1
+            fasttf.multi_head_attention_forward(**args)
+    assert [str(w.message) for w in caught] == ["Support for mismatched key_padding_mask and attn_mask is "
+                                                "deprecated. Use same type for both instead."]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_nested_tensor_input_is_refused_clearly():
     mha = fasttf.MultiheadAttention(E, H, batch_first=True).eval()
