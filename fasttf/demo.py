@@ -238,50 +238,59 @@ def main(argv=None) -> int:
         # nccl wants a GPU of its own per process; more processes than GPUs share them over gloo
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         one_gpu_each = args.device == "cuda" and processes_here <= torch.cuda.device_count()
-        dist.init_process_group("nccl" if one_gpu_each else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    gpu = local_rank % max(torch.cuda.device_count(), 1)
-    device = torch.device(f"cuda:{gpu}" if args.device == "cuda" else "cpu")
-    if args.device == "cuda":
-        torch.cuda.set_device(device)
+        start_process_group("nccl" if one_gpu_each else "gloo")
+    trained, finished = None, False
+    try:
+        if args.ddp:
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        gpu = local_rank % max(torch.cuda.device_count(), 1)
+        device = torch.device(f"cuda:{gpu}" if args.device == "cuda" else "cpu")
+        if args.device == "cuda":
+            torch.cuda.set_device(device)
 
-    train_pairs, test_pairs = read_pairs(split="train"), read_pairs(split="test")
-    source_vocab = Vocab.build(english for english, _ in train_pairs)
-    target_vocab = Vocab.build(spanish for _, spanish in train_pairs)
-    kernels = "Triton interpreter" if triton_on_cpu(args) else "C++ kernels"
-    where = f"{device}" + (f" ({kernels})" if args.device == "cpu" and args.backend == "fasttf" else "")
-    log(rank, f"fasttf {fasttf.__version__} demo: backend={args.backend} on {where}, torch {torch.__version__}"
-              + (f", DDP over {world_size} processes" if args.ddp else ""))
-    log(rank, f"corpus: {len(train_pairs)} training pairs, {len(test_pairs)} held out; vocabularies "
-              f"{len(source_vocab)} English and {len(target_vocab)} Spanish words")
+        train_pairs, test_pairs = read_pairs(split="train"), read_pairs(split="test")
+        source_vocab = Vocab.build(english for english, _ in train_pairs)
+        target_vocab = Vocab.build(spanish for _, spanish in train_pairs)
+        kernels = "Triton interpreter" if triton_on_cpu(args) else "C++ kernels"
+        where = f"{device}" + (f" ({kernels})" if args.device == "cpu" and args.backend == "fasttf" else "")
+        log(rank, f"fasttf {fasttf.__version__} demo: backend={args.backend} on {where}, torch {torch.__version__}"
+                  + (f", DDP over {world_size} processes" if args.ddp else ""))
+        log(rank, f"corpus: {len(train_pairs)} training pairs, {len(test_pairs)} held out; vocabularies "
+                  f"{len(source_vocab)} English and {len(target_vocab)} Spanish words")
 
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = Transformer(len(source_vocab), len(target_vocab), d_model=args.d_model, num_heads=args.heads,
-                        num_encoder_layers=args.layers, num_decoder_layers=args.layers, dim_feedforward=args.ffn,
-                        dropout=args.dropout, norm_first=args.pre_ln, max_len=32, backend=args.backend,
-                        pad_id=source_vocab.pad_id, eos_id=source_vocab.eos_id).to(device)
-    log(rank, f"model: d_model={args.d_model}, heads={args.heads}, layers={args.layers}+{args.layers}, "
-              f"ffn={args.ffn}, dropout {args.dropout:g}, {'pre' if args.pre_ln else 'post'}-LN, "
-              f"{sum(p.numel() for p in model.parameters())} parameters; {args.steps} steps of "
-              f"{args.batch_size} pairs")
-    trained = DistributedDataParallel(model, device_ids=[gpu] if args.device == "cuda" else None) \
-        if args.ddp else model
+        torch.manual_seed(args.seed)  # the same initial weights in every process
+        model = Transformer(len(source_vocab), len(target_vocab), d_model=args.d_model, num_heads=args.heads,
+                            num_encoder_layers=args.layers, num_decoder_layers=args.layers, dim_feedforward=args.ffn,
+                            dropout=args.dropout, norm_first=args.pre_ln, max_len=32, backend=args.backend,
+                            pad_id=source_vocab.pad_id, eos_id=source_vocab.eos_id).to(device)
+        log(rank, f"model: d_model={args.d_model}, heads={args.heads}, layers={args.layers}+{args.layers}, "
+                  f"ffn={args.ffn}, dropout {args.dropout:g}, {'pre' if args.pre_ln else 'post'}-LN, "
+                  f"{sum(p.numel() for p in model.parameters())} parameters; {args.steps} steps of "
+                  f"{args.batch_size} pairs")
+        trained = DistributedDataParallel(model, device_ids=[gpu] if args.device == "cuda" else None) \
+            if args.ddp else model
 
-    start = time.perf_counter()
-    losses = train(trained, train_pairs, (source_vocab, target_vocab), args, device, rank, world_size)
-    train_seconds = time.perf_counter() - start
-    if losses:
-        log(rank, f"trained in {train_seconds:.1f} s ({train_seconds / len(losses) * 1e3:.0f} ms a step), "
-                  f"final loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        start = time.perf_counter()
+        losses = train(trained, train_pairs, (source_vocab, target_vocab), args, device, rank, world_size)
+        train_seconds = time.perf_counter() - start
+        if losses:
+            log(rank, f"trained in {train_seconds:.1f} s ({train_seconds / len(losses) * 1e3:.0f} ms a step), "
+                      f"final loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
+        if args.ddp:
+            identical = parameters_identical(model, dist)
+            log(rank, f"ddp: parameters identical on all {world_size} processes: {identical}")
+        finished = True
+    finally:
+        if args.ddp:
+            trained = None  # DDP's reducer holds the process group: let it go before the group does
+            end_process_group(synchronize=finished)
     if args.ddp:
-        identical = parameters_identical(model, dist)
-        log(rank, f"ddp: parameters identical on all {world_size} processes: {identical}")
-        dist.destroy_process_group()
         if rank != 0:
-            # Leave without the interpreter's teardown: a C++ thread still joinable in a static
-            # destructor there can abort the process ("terminate called without an active exception",
-            # seen once in CI), and torchrun then stops rank 0 before it saves its checkpoint.
+            # Only rank 0 goes on (translations, figures, the checkpoint). The others leave here and skip
+            # the interpreter's teardown: the group's threads are joined already (end_process_group), this
+            # older guard against "terminate called without an active exception" there (seen once in CI;
+            # torchrun then stops rank 0 before it saves its checkpoint) is kept.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0 if identical else 1)
@@ -349,6 +358,40 @@ def parameters_identical(model, dist) -> bool:
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def start_process_group(*args, **kwargs):
+    """`dist.init_process_group`, with torch.distributed.nn.functional imported first. Its functions
+    take `group=group.WORLD` as a default argument, evaluated at import; DistributedDataParallel's
+    constructor imports it, so once a group exists those defaults hold the default group for good:
+    destroy_process_group then cannot free it, and its gloo threads (and rank 0's TCPStore server)
+    live on into the interpreter's teardown, the likely source of the rare "terminate called without
+    an active exception" aborts at exit. Imported before the group exists, the defaults are None
+    (the default group, looked up at call time)."""
+    import importlib
+
+    import torch.distributed as dist
+
+    importlib.import_module("torch.distributed.nn.functional")  # before the group exists: see above
+    dist.init_process_group(*args, **kwargs)
+
+
+def end_process_group(synchronize=True):
+    """Deterministic teardown of the default process group, in every process: a barrier (no process
+    still in a collective), then destroy_process_group, which frees the group here and joins its
+    threads, not at the interpreter's exit. Drop the DistributedDataParallel wrapper first (its
+    reducer holds the group). `synchronize=False` after an error: no barrier that the other
+    processes may never reach."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # a DistributedDataParallel left in a reference cycle would keep the group alive
+    try:
+        if synchronize:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
