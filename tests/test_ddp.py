@@ -15,7 +15,6 @@ from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,14 +30,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _group_threads():
+    """Names of this process's threads that belong to a process group (gloo) or its TCPStore
+    (Linux: /proc; elsewhere none are seen)."""
+    if not os.path.isdir("/proc/self/task"):
+        return []
+    names = (open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task"))
+    return sorted(name for name in names if "gloo" in name or "tcpstore" in name)
+
+
 def _train_one_process(rank, port, backend, out_dir, device):
-    from fasttf.demo import train
+    from fasttf.demo import end_process_group, start_process_group, train
     from fasttf.models import Transformer, Vocab
     from fasttf.models.tokenizer import read_pairs
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
+    start_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                        timeout=timedelta(seconds=60))
+    wrapped, finished = None, False
     try:
         pairs = read_pairs(split="train")
         vocabs = Vocab.build(en for en, _ in pairs), Vocab.build(es for _, es in pairs)
@@ -51,9 +60,14 @@ def _train_one_process(rank, port, backend, out_dir, device):
         wrapped = DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
         losses = train(wrapped, pairs, vocabs, args, torch.device(device), rank, WORLD_SIZE, progress=False)
         final = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
-        torch.save({"initial": initial, "final": final, "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        # barrier, then destroy: no gloo thread left for the interpreter's exit (an abort there,
+        # "terminate called without an active exception", failed this test now and then)
+        wrapped = None  # DDP's reducer holds the process group
+        end_process_group(synchronize=finished)
+    torch.save({"initial": initial, "final": final, "losses": losses, "threads_left": _group_threads()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def run_two_processes(backend, out_dir, device="cpu"):
@@ -80,6 +94,8 @@ def test_ddp_keeps_the_parameters_of_both_processes_identical(tmp_path, monkeypa
         assert torch.equal(first["final"][name], second["final"][name]), f"{name} differs after DDP training"
     changed = [name for name in first["final"] if not torch.equal(first["initial"][name], first["final"][name])]
     assert len(changed) == len(first["final"])  # and training did move every parameter
+    # the process group was freed, its threads joined, before the processes' exit
+    assert first["threads_left"] == second["threads_left"] == [], (first["threads_left"], second["threads_left"])
 
 
 def test_the_demo_runs_under_torchrun(tmp_path):
