@@ -194,6 +194,28 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
           int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// ---- the bfloat16 forward's AMX block products (attention_amx.cpp) ----
+// K and V of every (batch, kv head) packed per key block of block_n keys for the tiles.
+struct PackedKV {
+  at::Tensor k, v;
+  int64_t block_n = 0, block_n_even = 0, blocks = 0, k_block = 0, v_block = 0;
+};
+// Whether the CPU has AMX-BF16 (and the head dim is even): then the products below, else gemm.
+bool amx_products(const Problem<float, at::BFloat16>& p);
+PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n);
+// s[rows x n] (row stride ld_s) = Q[i .. i + rows) K[j0 .. j0 + n)^T of head h, batch b: unscaled;
+// j0 a multiple of block_n.
+void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t i,
+                int64_t rows, int64_t j0, int64_t n, float* s, int64_t ld_s);
+// acc[rows x Ev] += pz[rows x n] V[j0 .. j0 + n); pz's row stride ld_p, and a zero at column n when n is odd.
+void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+                int64_t j0, int64_t n, const at::BFloat16* pz, int64_t ld_p, float* acc);
+// The tile configuration of this thread given back (after a task's last product).
+void amx_release();
+// row[j] *= scale; scale_row_max also returns the max of the result (NaN ignored, as row_max).
+void scale_row(float* row, int64_t n, float scale);
+float scale_row_max(float* row, int64_t n, float scale);
+
 // A tile's rows as a block product's operand: rows x n values of src (row stride ld) in in_t
 // (row stride ld). For in_t = acc_t that is src itself; for bfloat16 they are rounded to
 // nearest even into dst, and dst is returned.

@@ -27,7 +27,8 @@ namespace {
 template <typename acc_t, typename in_t>
 void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor, acc_t* lse) {
   constexpr bool kRoundP = !std::is_same_v<in_t, acc_t>;  // (p z) V on bfloat16 operands
-  acc_t* const out = out_tensor.data_ptr<acc_t>();
+  using out_t = std::conditional_t<kRoundP, in_t, acc_t>;  // bfloat16 output written directly
+  out_t* const out = out_tensor.data_ptr<out_t>();
   const int64_t o_sb = out_tensor.stride(0), o_sh = out_tensor.stride(1), o_sl = out_tensor.stride(2);
   const Tiles tiles = forward_tiles(p.causal, p.L);
   // no larger than the problem: small calls allocate small tile buffers
@@ -35,10 +36,17 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
   const int64_t block_n = std::max<int64_t>(1, std::min(tiles.n, p.S));
   const int64_t blocks_m = (p.L + block_m - 1) / block_m;
   const int64_t tasks = p.N * p.H * blocks_m;
+  const int64_t ld_p = block_n + (block_n & 1);  // the rounded p z rows: room for a zero after an odd n
+  bool amx = false;  // bfloat16 products on AMX tiles, K and V packed first (attention_amx.cpp)
+  PackedKV packed;
+  if constexpr (kRoundP) {
+    amx = amx_products(p);
+    if (amx) packed = pack_kv(p, block_n);
+  }
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto scores = scratch<acc_t>(block_m * block_n);
-    const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * block_n : 0);
+    const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * ld_p : 0);
     std::vector<acc_t> acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
@@ -51,23 +59,37 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
         const int64_t n = std::min(j0 + block_n, key_end) - j0;
         const int64_t r0 = p.row_start(i0, j0) - i0;
         acc_t* s = scores.get() + r0 * block_n;
-        gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
-             acc_t(0), s, block_n);
+        if constexpr (kRoundP) {
+          if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, s, block_n);
+        }
+        if (!amx) {
+          gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
+               acc_t(0), s, block_n);
+        }
         for (int64_t r = r0; r < rows; ++r) {
           acc_t* row = scores.get() + r * block_n;
           const int64_t i = i0 + r;
-          add_bias(row, n, p.mask, b, h, i, j0, p.causal);
-          const acc_t m_new = std::max(m[r], row_max(row, n));
+          acc_t row_top;
+          if (amx && p.mask.kind == MaskView::kNone && !p.causal) {  // the tiles multiply unscaled
+            if constexpr (kRoundP) row_top = scale_row_max(row, n, p.scale);
+          } else {
+            if constexpr (kRoundP) {
+              if (amx) scale_row(row, n, p.scale);
+            }
+            add_bias(row, n, p.mask, b, h, i, j0, p.causal);
+            row_top = row_max(row, n);
+          }
+          const acc_t m_new = std::max(m[r], row_top);
           if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // nothing seen yet in this row
             std::fill(row, row + n, acc_t(0));
-            if constexpr (kRoundP) tile_operand<in_t>(row, scores_rounded.get() + r * block_n, 1, n, block_n);
+            if constexpr (kRoundP) tile_operand<in_t>(row, scores_rounded.get() + r * ld_p, 1, n, ld_p);
             continue;
           }
           const acc_t alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
           in_t* rounded = nullptr;  // the row's operand for (p z) V when it is not row itself
           acc_t sum;
           if constexpr (kRoundP) {
-            rounded = scores_rounded.get() + r * block_n;
+            rounded = scores_rounded.get() + r * ld_p;
             // p straight into its rounded operand when there is no dropout to apply first
             sum = p.dropout.on ? exp_shift_sum(row, n, m_new) : exp_shift_sum(row, n, m_new, rounded);
           } else {
@@ -81,23 +103,40 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
           }
           if (p.dropout.on) {
             apply_dropout(p.dropout, p.flat(b, h, i, j0), n, row, z.data());
-            if constexpr (kRoundP) tile_operand<in_t>(row, rounded, 1, n, block_n);
+            if constexpr (kRoundP) tile_operand<in_t>(row, rounded, 1, n, ld_p);
           }
         }
-        const in_t* pz;  // the (p z) operand
-        if constexpr (kRoundP) pz = scores_rounded.get() + r0 * block_n; else pz = s;
-        gemm(false, false, rows - r0, p.Ev, n, acc_t(1), pz, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
-             acc.data() + r0 * p.Ev, p.Ev);
+        if constexpr (kRoundP) {
+          const in_t* pz = scores_rounded.get() + r0 * ld_p;  // the (p z) operand
+          if (amx) {
+            if (n & 1) {  // a pair of keys at a time: the last one of an odd n weighs 0
+              for (int64_t r = r0; r < rows; ++r) scores_rounded[r * ld_p + n] = in_t(0.0f);
+            }
+            amx_output(p, packed, b, h, rows - r0, j0, n, pz, ld_p, acc.data() + r0 * p.Ev);
+          } else {
+            gemm(false, false, rows - r0, p.Ev, n, acc_t(1), pz, ld_p, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+                 acc.data() + r0 * p.Ev, p.Ev);
+          }
+        } else {
+          gemm(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+               acc.data() + r0 * p.Ev, p.Ev);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t* o = out + b * o_sb + h * o_sh + (i0 + r) * o_sl;
-        const acc_t* a = acc.data() + r * p.Ev;
+        out_t* o = out + b * o_sb + h * o_sh + (i0 + r) * o_sl;
+        acc_t* a = acc.data() + r * p.Ev;
         const acc_t inv = l[r] > acc_t(0) ? acc_t(1) / l[r] : acc_t(0);
-        for (int64_t e = 0; e < p.Ev; ++e) o[e] = a[e] * inv;
+        if constexpr (kRoundP) {
+          for (int64_t e = 0; e < p.Ev; ++e) a[e] *= inv;
+          round_rows(a, o, 1, p.Ev, p.Ev);
+        } else {
+          for (int64_t e = 0; e < p.Ev; ++e) o[e] = a[e] * inv;
+        }
         lse[(b * p.H + h) * p.L + i0 + r] =
             l[r] > acc_t(0) ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
       }
     }
+    if (amx) amx_release();
   });
 }
 
@@ -115,7 +154,10 @@ std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q,
   // out in torch's flash layout: (N, L, H, Ev) in memory, returned as its (N, H, L, Ev) view, so that
   // merging the heads afterwards ((N, L, H * Ev), what attention modules do next) is a view, not a copy
   const auto acc_options = qa.options().dtype(operand == at::kDouble ? at::kDouble : at::kFloat);
-  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, acc_options).transpose(1, 2);
+  // the output in the accumulation type, converted after; bfloat16 products write bfloat16 directly
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, operand == at::kBFloat16 ? qa.options()
+                                                                                               : acc_options)
+                 .transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, acc_options);
   if (operand == at::kDouble) {
     forward_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,

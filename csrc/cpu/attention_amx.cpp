@@ -1,0 +1,115 @@
+// The bfloat16 forward's block products on AMX tiles (oneDNN's brgemm micro-kernel, which torch
+// exports as at::native::cpublas::brgemm): K and V packed once a call into the VNNI layout the
+// tiles read -- B[k][n] stored as pairs along k, [K/2][N][2] -- so no tile product repacks them
+// (MKL's gemm_bf16bf16f32 copies both operands of every call: 2x slower here).
+//
+//   scores  s = Q_i K_j^T:  A = Q rows (bfloat16, read in place), B = K_j^T packed per key block as
+//                           [E/2][block_n][2] (keys past S zero)
+//   output  acc += P V_j:   A = the rounded p z rows (an even count of columns, a zero appended to
+//                           odd ones), B = V_j packed as [n_even/2][Ev][2] (rows past S zero)
+//
+// Used where the CPU has AMX-BF16 (cpublas::could_pack) and the head dim E is even (a VNNI pair);
+// elsewhere the bfloat16 forward runs MKL's bfloat16 GEMM (attention_inputs.cpp).
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "attention.h"
+
+namespace fasttf {
+namespace cpu {
+namespace attention {
+
+namespace {
+
+// dst[w * ld + j] = the 32-bit word w of row j (rows at a stride of `stride` 16-bit elements), for
+// j < count (j < valid: the row's word, else 0) and w < words: a transpose, 16 rows a gather.
+__attribute__((target("avx512f"))) void gather_pairs(const uint16_t* rows, int64_t stride, int64_t valid,
+                                                     int64_t count, int64_t words, uint32_t* dst, int64_t ld) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(stride)));
+  const __mmask16 read = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1u);
+  const __mmask16 write = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1u);
+  for (int64_t w = 0; w < words; ++w) {
+    // 16-bit elements: byte offset = 2 * (j * stride) + 4 * w
+    const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), read, offsets, rows + 2 * w, 2);
+    _mm512_mask_storeu_epi32(dst + w * ld, write, word);
+  }
+}
+
+}  // namespace
+
+bool amx_products(const Problem<float, at::BFloat16>& p) {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available && p.E % 2 == 0 && p.k_sl < (int64_t(1) << 26);  // 16 key offsets as int32 (gather_pairs)
+}
+
+PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n) {
+  PackedKV packed;
+  packed.block_n = block_n;
+  packed.block_n_even = block_n + (block_n & 1);
+  packed.blocks = (p.S + block_n - 1) / block_n;
+  packed.k_block = p.E * block_n;  // [E/2][block_n][2]
+  packed.v_block = packed.block_n_even * p.Ev;  // [block_n_even/2][Ev][2]
+  const int64_t heads = p.N * p.Hkv;
+  packed.k = at::empty({heads * packed.blocks * packed.k_block}, at::kBFloat16);
+  packed.v = at::empty({heads * packed.blocks * packed.v_block}, at::kBFloat16);
+  uint32_t* const k_words = reinterpret_cast<uint32_t*>(packed.k.data_ptr<at::BFloat16>());
+  uint16_t* const v_out = reinterpret_cast<uint16_t*>(packed.v.data_ptr<at::BFloat16>());
+  at::parallel_for(0, heads * packed.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / packed.blocks, block = task % packed.blocks;
+      const int64_t b = head / p.Hkv, hk = head % p.Hkv, j0 = block * block_n;
+      const int64_t n = std::min(block_n, p.S - j0);
+      // K^T: word (w, j) = the pair (k[j][2w], k[j][2w + 1]), gathered 16 keys at a time; keys past S zero
+      uint32_t* kd = k_words + task * (packed.k_block / 2);
+      for (int64_t jb = 0; jb < block_n; jb += 16) {
+        gather_pairs(reinterpret_cast<const uint16_t*>(p.k_row(b, hk, j0 + jb)), p.k_sl,
+                     std::max<int64_t>(0, std::min<int64_t>(16, n - jb)), std::min<int64_t>(16, block_n - jb),
+                     p.E / 2, kd + jb, block_n);
+      }
+      // V: word (j/2, e) = the pair (v[j][e], v[j + 1][e]) for even j; rows past S (and the odd
+      // block's pad row) zero
+      uint32_t* vd = reinterpret_cast<uint32_t*>(v_out + task * packed.v_block);
+      for (int64_t j = 0; j < packed.block_n_even; j += 2) {
+        const uint16_t* even = j < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j)) : nullptr;
+        const uint16_t* odd = j + 1 < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j + 1)) : nullptr;
+        uint32_t* dst = vd + (j / 2) * p.Ev;
+        if (even != nullptr && odd != nullptr) {
+          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = uint32_t(even[e]) | (uint32_t(odd[e]) << 16);
+        } else {
+          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = even != nullptr ? uint32_t(even[e]) : 0u;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t i,
+                int64_t rows, int64_t j0, int64_t n, float* s, int64_t ld_s) {
+  if (rows <= 0 || n <= 0) return;
+  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
+  const at::BFloat16* k = packed.k.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.k_block;
+  at::native::cpublas::brgemm(rows, n, p.E, p.q_sl, packed.block_n, ld_s, /*add_C=*/false, p.q_row(b, h, i), k, s,
+                              /*is_vnni=*/true);
+}
+
+void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+                int64_t j0, int64_t n, const at::BFloat16* pz, int64_t ld_p, float* acc) {
+  if (rows <= 0 || n <= 0) return;
+  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
+  const at::BFloat16* v = packed.v.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.v_block;
+  at::native::cpublas::brgemm(rows, p.Ev, n + (n & 1), ld_p, p.Ev, p.Ev, /*add_C=*/true, pz, v, acc,
+                              /*is_vnni=*/true);
+}
+
+void amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+}  // namespace attention
+}  // namespace cpu
+}  // namespace fasttf
