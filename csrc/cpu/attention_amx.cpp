@@ -41,6 +41,17 @@ __attribute__((target("avx512f"))) void gather_pairs(const uint16_t* rows, int64
   }
 }
 
+// dst[e] = the pair (even[e], odd[e]) as one 32-bit word, e < n.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void interleave_pairs(const uint16_t* even, const uint16_t* odd, int64_t n,
+                                                         uint32_t* dst) {
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 lanes = n - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - e)) - 1u);
+    const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, even + e));
+    const __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, odd + e));
+    _mm512_mask_storeu_epi32(dst + e, lanes, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+  }
+}
+
 }  // namespace
 
 bool amx_products(const Problem<float, at::BFloat16>& p) {
@@ -80,7 +91,7 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n) {
         const uint16_t* odd = j + 1 < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j + 1)) : nullptr;
         uint32_t* dst = vd + (j / 2) * p.Ev;
         if (even != nullptr && odd != nullptr) {
-          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = uint32_t(even[e]) | (uint32_t(odd[e]) << 16);
+          interleave_pairs(even, odd, p.Ev, dst);
         } else {
           for (int64_t e = 0; e < p.Ev; ++e) dst[e] = even != nullptr ? uint32_t(even[e]) : 0u;
         }
