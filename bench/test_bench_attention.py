@@ -15,6 +15,7 @@ One group per (mode, dtype, head dim, causal, sequence length); in each group:
 Shapes: on a GPU, L = S = 128 ... 16384 with N = 16384 / L sequences and H = 2048 / E heads (the
 tokens and the model width stay fixed, as in FlashAttention's own benchmarks), E = 64 and 128,
 float16 and bfloat16, causal and not. On the CPU, float32, E = 64, N = 2, H = 8, L = 256 ... 4096,
+bfloat16 at L = 256, 1024, 4096 (AMX tile products where the CPU has them, csrc/cpu/attention_amx.cpp),
 and the cases where torch's CPU SDPA leaves its flash kernel for the math path: dropout 0.1
 ("dropout"), a learned float bias (H, L, S) that requires grad ("bias"), and a bool mask (L, S)
 ("bool mask", which torch's flash kernel takes). Run with FASTTF_BENCH_THREADS=1 and =2.
@@ -51,7 +52,8 @@ def shapes():
                 for dtype in (torch.float16, torch.bfloat16) for head_dim in (64, 128) for causal in (False, True)
                 for length in (128, 256, 512, 1024, 2048, 4096, 8192, 16384)]
     return [(torch.float32, 64, causal, (2, 8, length)) for causal in (False, True)
-            for length in (256, 512, 1024, 2048, 4096)]
+            for length in (256, 512, 1024, 2048, 4096)] + \
+        [(torch.bfloat16, 64, causal, (2, 8, length)) for causal in (False, True) for length in (256, 1024, 4096)]
 
 
 # CPU groups beyond no mask / causal: (label, keyword arguments made from (q, k, v), requires grad)
