@@ -194,15 +194,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
           int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// ---- the bfloat16 forward's AMX block products (attention_amx.cpp) ----
+// ---- the bfloat16 kernels' AMX block products (attention_amx.cpp) ----
 // K and V of every (batch, kv head) packed per key block of block_n keys for the tiles.
 struct PackedKV {
   at::Tensor k, v;
   int64_t block_n = 0, block_n_even = 0, blocks = 0, k_block = 0, v_block = 0;
+  bool v_transposed = false;  // V^T for the backward's dO V^T, else V for the forward's P V
 };
-// Whether the CPU has AMX-BF16 (and the head dim is even): then the products below, else gemm.
-bool amx_products(const Problem<float, at::BFloat16>& p);
-PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n);
+// Whether the CPU has AMX-BF16 (and the head dims are even): then the products below, else gemm.
+bool amx_products(const Problem<float, at::BFloat16>& p, bool backward);
+PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_transposed);
 // s[rows x n] (row stride ld_s) = Q[i .. i + rows) K[j0 .. j0 + n)^T of head h, batch b: unscaled;
 // j0 a multiple of block_n.
 void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t i,
@@ -210,6 +211,9 @@ void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, i
 // acc[rows x Ev] += pz[rows x n] V[j0 .. j0 + n); pz's row stride ld_p, and a zero at column n when n is odd.
 void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
                 int64_t j0, int64_t n, const at::BFloat16* pz, int64_t ld_p, float* acc);
+// dp[rows x n] (row stride ld_dp) = dO[rows x Ev] (row stride ld_do) V[j0 .. j0 + n)^T (packed V^T).
+void amx_dp(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+            int64_t j0, int64_t n, const at::BFloat16* dout, int64_t ld_do, float* dp, int64_t ld_dp);
 // The tile configuration of this thread given back (after a task's last product).
 void amx_release();
 // row[j] *= scale; scale_row_max also returns the max of the result (NaN ignored, as row_max).

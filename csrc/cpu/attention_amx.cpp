@@ -1,4 +1,4 @@
-// The bfloat16 forward's block products on AMX tiles (oneDNN's brgemm micro-kernel, which torch
+// The bfloat16 kernels' block products on AMX tiles (oneDNN's brgemm micro-kernel, which torch
 // exports as at::native::cpublas::brgemm): K and V packed once a call into the VNNI layout the
 // tiles read -- B[k][n] stored as pairs along k, [K/2][N][2] -- so no tile product repacks them
 // (MKL's gemm_bf16bf16f32 copies both operands of every call: 2x slower here).
@@ -8,8 +8,10 @@
 //   output  acc += P V_j:   A = the rounded p z rows (an even count of columns, a zero appended to
 //                           odd ones), B = V_j packed as [n_even/2][Ev][2] (rows past S zero)
 //
-// Used where the CPU has AMX-BF16 (cpublas::could_pack) and the head dim E is even (a VNNI pair);
-// elsewhere the bfloat16 forward runs MKL's bfloat16 GEMM (attention_inputs.cpp).
+// The backward multiplies s = Q_i K_j^T and dp = dO_i V_j^T on the tiles (V packed as K is); its
+// (p z)^T dO, ds^T Q and ds K, whose operands it makes per tile, stay on MKL's bfloat16 GEMM.
+// Used where the CPU has AMX-BF16 (cpublas::could_pack) and the head dims are even (a VNNI pair);
+// elsewhere the bfloat16 kernels run MKL's bfloat16 GEMM (attention_inputs.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -54,18 +56,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void interleave_pairs(const
 
 }  // namespace
 
-bool amx_products(const Problem<float, at::BFloat16>& p) {
+bool amx_products(const Problem<float, at::BFloat16>& p, bool backward) {
   static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
-  return available && p.E % 2 == 0 && p.k_sl < (int64_t(1) << 26);  // 16 key offsets as int32 (gather_pairs)
+  constexpr int64_t kMaxStride = int64_t(1) << 26;  // 16 row offsets as int32 (gather_pairs)
+  return available && p.E % 2 == 0 && p.k_sl < kMaxStride && (!backward || (p.Ev % 2 == 0 && p.v_sl < kMaxStride));
 }
 
-PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n) {
+PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_transposed) {
   PackedKV packed;
   packed.block_n = block_n;
   packed.block_n_even = block_n + (block_n & 1);
   packed.blocks = (p.S + block_n - 1) / block_n;
+  packed.v_transposed = v_transposed;
   packed.k_block = p.E * block_n;  // [E/2][block_n][2]
-  packed.v_block = packed.block_n_even * p.Ev;  // [block_n_even/2][Ev][2]
+  // [block_n_even/2][Ev][2], or V^T as K^T: [Ev/2][block_n][2]
+  packed.v_block = v_transposed ? p.Ev * block_n : packed.block_n_even * p.Ev;
   const int64_t heads = p.N * p.Hkv;
   packed.k = at::empty({heads * packed.blocks * packed.k_block}, at::kBFloat16);
   packed.v = at::empty({heads * packed.blocks * packed.v_block}, at::kBFloat16);
@@ -83,9 +88,17 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n) {
                      std::max<int64_t>(0, std::min<int64_t>(16, n - jb)), std::min<int64_t>(16, block_n - jb),
                      p.E / 2, kd + jb, block_n);
       }
+      uint32_t* vd = reinterpret_cast<uint32_t*>(v_out + task * packed.v_block);
+      if (v_transposed) {  // V^T, as K^T
+        for (int64_t jb = 0; jb < block_n; jb += 16) {
+          gather_pairs(reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + jb)), p.v_sl,
+                       std::max<int64_t>(0, std::min<int64_t>(16, n - jb)), std::min<int64_t>(16, block_n - jb),
+                       p.Ev / 2, vd + jb, block_n);
+        }
+        continue;
+      }
       // V: word (j/2, e) = the pair (v[j][e], v[j + 1][e]) for even j; rows past S (and the odd
       // block's pad row) zero
-      uint32_t* vd = reinterpret_cast<uint32_t*>(v_out + task * packed.v_block);
       for (int64_t j = 0; j < packed.block_n_even; j += 2) {
         const uint16_t* even = j < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j)) : nullptr;
         const uint16_t* odd = j + 1 < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j + 1)) : nullptr;
@@ -113,9 +126,20 @@ void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, i
 void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
                 int64_t j0, int64_t n, const at::BFloat16* pz, int64_t ld_p, float* acc) {
   if (rows <= 0 || n <= 0) return;
+  TORCH_INTERNAL_ASSERT(!packed.v_transposed);
   const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
   const at::BFloat16* v = packed.v.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.v_block;
   at::native::cpublas::brgemm(rows, p.Ev, n + (n & 1), ld_p, p.Ev, p.Ev, /*add_C=*/true, pz, v, acc,
+                              /*is_vnni=*/true);
+}
+
+void amx_dp(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+            int64_t j0, int64_t n, const at::BFloat16* dout, int64_t ld_do, float* dp, int64_t ld_dp) {
+  if (rows <= 0 || n <= 0) return;
+  TORCH_INTERNAL_ASSERT(packed.v_transposed);
+  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
+  const at::BFloat16* vt = packed.v.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.v_block;
+  at::native::cpublas::brgemm(rows, n, p.Ev, ld_do, packed.block_n, ld_dp, /*add_C=*/false, dout, vt, dp,
                               /*is_vnni=*/true);
 }
 

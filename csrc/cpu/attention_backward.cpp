@@ -69,6 +69,12 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   // A task owns every batch (kv head) when the mask gradient is added in place and the mask is
   // broadcast over batches (heads), so no two tasks add into one of its elements.
   const int64_t task_batches = g.fold_batches ? p.N : 1, task_heads = g.fold_heads ? p.Hkv : 1;
+  bool amx = false;  // Q K^T and dO V^T on AMX tiles, K^T and V^T packed first (attention_amx.cpp)
+  PackedKV packed;
+  if constexpr (kRound) {
+    amx = amx_products(p, /*backward=*/true);
+    if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/true);
+  }
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * block_n), dptile = scratch<acc_t>(block_m * block_n);
@@ -103,13 +109,21 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           // Recomputes p (rows r0.. of the tile) for the key block at j0; returns r0.
           auto probabilities = [&](int64_t j0, int64_t n) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
-            gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
-                 p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
+            if constexpr (kRound) {
+              if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, ptile.get() + r0 * block_n, block_n);
+            }
+            if (!amx) {
+              gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
+                   p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
+            }
             for (int64_t r = r0; r < rows; ++r) {
               acc_t* row = ptile.get() + r * block_n;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
                 std::fill(row, row + n, acc_t(0));
                 continue;
+              }
+              if constexpr (kRound) {
+                if (amx) scale_row(row, n, p.scale);  // the tiles multiply unscaled
               }
               add_bias(row, n, p.mask, b, h, i0 + r, j0, p.causal);
               exp_shift_sum(row, n, lse_i[r]);
@@ -134,8 +148,13 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             const int64_t n = std::min(j0 + block_n, key_end) - j0;
             const int64_t r0 = probabilities(j0, n), m = rows - r0;
             acc_t* dp = dptile.get() + r0 * block_n;
-            gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
-                 acc_t(0), dp, block_n);
+            if constexpr (kRound) {
+              if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, block_n);
+            }
+            if (!amx) {
+              gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
+                   acc_t(0), dp, block_n);
+            }
             const acc_t* pz = ptile.get() + r0 * block_n;
             if (p.dropout.on) pz = pztile.get() + r0 * block_n;
             for (int64_t r = r0; r < rows; ++r) {
@@ -182,11 +201,15 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
                  p.E);
             gemm(false, false, m, p.E, n, p.scale, ds_op, block_n, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
                  dq_i + r0 * p.E, p.E);
+            // MKL configures the AMX tiles its own way: the next brgemm must set its configuration again
+            // (torch's brgemm keeps it per thread while its own kernel is the last one used)
+            if (amx) amx_release();
           }
         }
       }
      }
     }
+    if (amx) amx_release();
   });
 }
 

@@ -40,8 +40,8 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
   bool amx = false;  // bfloat16 products on AMX tiles, K and V packed first (attention_amx.cpp)
   PackedKV packed;
   if constexpr (kRoundP) {
-    amx = amx_products(p);
-    if (amx) packed = pack_kv(p, block_n);
+    amx = amx_products(p, /*backward=*/false);
+    if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/false);
   }
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
