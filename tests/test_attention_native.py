@@ -38,6 +38,7 @@ SHAPES = [  # (N, H, L, S, E, Ev). Tiles (csrc/cpu/attention.h): forward 256 que
     (1, 2, 300, 1100, 16, 16),  # several blocks of every tile, partial last ones
     (1, 1, 2100, 2100, 8, 8),  # the long-sequence causal tiles
     (1, 2, 33, 47, 15, 6),  # odd head dim and key count: bfloat16 on MKL's products, not the AMX tiles' pairs
+    (2, 1, 21, 3, 40, 1),  # odd value head dim: the bfloat16 forward's P V on AMX tiles, its backward on MKL's
 ]
 
 
