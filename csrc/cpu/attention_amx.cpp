@@ -12,6 +12,10 @@
 // (p z)^T dO, ds^T Q and ds K, whose operands it makes per tile, stay on MKL's bfloat16 GEMM.
 // Used where the CPU has AMX-BF16 (cpublas::could_pack) and the head dims are even (a VNNI pair);
 // elsewhere the bfloat16 kernels run MKL's bfloat16 GEMM (attention_inputs.cpp).
+// GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*), as in
+// attention_rows.cpp.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -40,6 +44,16 @@ __attribute__((target("avx512f"))) void gather_pairs(const uint16_t* rows, int64
     // 16-bit elements: byte offset = 2 * (j * stride) + 4 * w
     const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), read, offsets, rows + 2 * w, 2);
     _mm512_mask_storeu_epi32(dst + w * ld, write, word);
+  }
+}
+
+// dst[w * block_n + j] = word w of row j for the block_n rows at rows + j * stride (rows j >= n: 0),
+// gathered 16 rows at a time.
+void pack_transposed(const uint16_t* rows, int64_t stride, int64_t n, int64_t block_n, int64_t words,
+                     uint32_t* dst) {
+  for (int64_t jb = 0; jb < block_n; jb += 16) {
+    gather_pairs(rows + jb * stride, stride, std::max<int64_t>(0, std::min<int64_t>(16, n - jb)),
+                 std::min<int64_t>(16, block_n - jb), words, dst + jb, block_n);
   }
 }
 
@@ -81,20 +95,12 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_
       const int64_t head = task / packed.blocks, block = task % packed.blocks;
       const int64_t b = head / p.Hkv, hk = head % p.Hkv, j0 = block * block_n;
       const int64_t n = std::min(block_n, p.S - j0);
-      // K^T: word (w, j) = the pair (k[j][2w], k[j][2w + 1]), gathered 16 keys at a time; keys past S zero
-      uint32_t* kd = k_words + task * (packed.k_block / 2);
-      for (int64_t jb = 0; jb < block_n; jb += 16) {
-        gather_pairs(reinterpret_cast<const uint16_t*>(p.k_row(b, hk, j0 + jb)), p.k_sl,
-                     std::max<int64_t>(0, std::min<int64_t>(16, n - jb)), std::min<int64_t>(16, block_n - jb),
-                     p.E / 2, kd + jb, block_n);
-      }
+      // K^T: word (w, j) = the pair (k[j][2w], k[j][2w + 1]); keys past S zero
+      pack_transposed(reinterpret_cast<const uint16_t*>(p.k_row(b, hk, j0)), p.k_sl, n, block_n, p.E / 2,
+                      k_words + task * (packed.k_block / 2));
       uint32_t* vd = reinterpret_cast<uint32_t*>(v_out + task * packed.v_block);
       if (v_transposed) {  // V^T, as K^T
-        for (int64_t jb = 0; jb < block_n; jb += 16) {
-          gather_pairs(reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + jb)), p.v_sl,
-                       std::max<int64_t>(0, std::min<int64_t>(16, n - jb)), std::min<int64_t>(16, block_n - jb),
-                       p.Ev / 2, vd + jb, block_n);
-        }
+        pack_transposed(reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0)), p.v_sl, n, block_n, p.Ev / 2, vd);
         continue;
       }
       // V: word (j/2, e) = the pair (v[j][e], v[j + 1][e]) for even j; rows past S (and the odd
@@ -114,33 +120,39 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_
   return packed;
 }
 
+namespace {
+
+// The packed block (of block_size elements in `buffer`, packed.k or packed.v) holding keys j0.. of
+// query head h's kv head in batch b.
+const at::BFloat16* packed_block(const Problem<float, at::BFloat16>& p, const PackedKV& packed,
+                                 const at::Tensor& buffer, int64_t block_size, int64_t b, int64_t h, int64_t j0) {
+  const int64_t head = b * p.Hkv + h / p.group;
+  return buffer.data_ptr<at::BFloat16>() + (head * packed.blocks + j0 / packed.block_n) * block_size;
+}
+
+}  // namespace
+
 void amx_scores(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t i,
                 int64_t rows, int64_t j0, int64_t n, float* s, int64_t ld_s) {
   if (rows <= 0 || n <= 0) return;
-  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
-  const at::BFloat16* k = packed.k.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.k_block;
-  at::native::cpublas::brgemm(rows, n, p.E, p.q_sl, packed.block_n, ld_s, /*add_C=*/false, p.q_row(b, h, i), k, s,
-                              /*is_vnni=*/true);
+  at::native::cpublas::brgemm(rows, n, p.E, p.q_sl, packed.block_n, ld_s, /*add_C=*/false, p.q_row(b, h, i),
+                              packed_block(p, packed, packed.k, packed.k_block, b, h, j0), s, /*is_vnni=*/true);
 }
 
 void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
                 int64_t j0, int64_t n, const at::BFloat16* pz, int64_t ld_p, float* acc) {
   if (rows <= 0 || n <= 0) return;
   TORCH_INTERNAL_ASSERT(!packed.v_transposed);
-  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
-  const at::BFloat16* v = packed.v.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.v_block;
-  at::native::cpublas::brgemm(rows, p.Ev, n + (n & 1), ld_p, p.Ev, p.Ev, /*add_C=*/true, pz, v, acc,
-                              /*is_vnni=*/true);
+  at::native::cpublas::brgemm(rows, p.Ev, n + (n & 1), ld_p, p.Ev, p.Ev, /*add_C=*/true, pz,
+                              packed_block(p, packed, packed.v, packed.v_block, b, h, j0), acc, /*is_vnni=*/true);
 }
 
 void amx_dp(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
             int64_t j0, int64_t n, const at::BFloat16* dout, int64_t ld_do, float* dp, int64_t ld_dp) {
   if (rows <= 0 || n <= 0) return;
   TORCH_INTERNAL_ASSERT(packed.v_transposed);
-  const int64_t block = j0 / packed.block_n, head = b * p.Hkv + h / p.group;
-  const at::BFloat16* vt = packed.v.data_ptr<at::BFloat16>() + (head * packed.blocks + block) * packed.v_block;
-  at::native::cpublas::brgemm(rows, n, p.Ev, ld_do, packed.block_n, ld_dp, /*add_C=*/false, dout, vt, dp,
-                              /*is_vnni=*/true);
+  at::native::cpublas::brgemm(rows, n, p.Ev, ld_do, packed.block_n, ld_dp, /*add_C=*/false, dout,
+                              packed_block(p, packed, packed.v, packed.v_block, b, h, j0), dp, /*is_vnni=*/true);
 }
 
 void amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }

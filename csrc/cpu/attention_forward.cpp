@@ -69,7 +69,7 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
         for (int64_t r = r0; r < rows; ++r) {
           acc_t* row = scores.get() + r * block_n;
           const int64_t i = i0 + r;
-          acc_t row_top;
+          acc_t row_top = -std::numeric_limits<acc_t>::infinity();  // the row's max after scale and bias
           if (amx && p.mask.kind == MaskView::kNone && !p.causal) {  // the tiles multiply unscaled
             if constexpr (kRoundP) row_top = scale_row_max(row, n, p.scale);
           } else {

@@ -187,19 +187,29 @@ __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n
   return sum;
 }
 
-// The same, sixteen lanes (AVX-512); 2^n by vscalefps; the row's tail through lane masks.
+// exp(x - m) of the lanes of x (0 in the others, and where the exponent is below the range; NaN
+// stays NaN) in sixteen lanes (AVX-512), 2^f by the Horner polynomial `poly` (highest power first),
+// 2^n by vscalefps: the float32 exp's body, and with a shorter polynomial the bfloat16 forward's.
+template <int kTerms>
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp_shift_lanes(const float* x, __mmask16 lanes,
+                                                                                __m512 shift,
+                                                                                const float (&poly)[kTerms]) {
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x), shift), _mm512_set1_ps(kLog2e));
+  const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, t, _mm512_set1_ps(kExp2Low), _CMP_NLT_UQ);  // NaN: kept
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 value = _mm512_set1_ps(poly[0]);
+  for (int c = 1; c < kTerms; ++c) value = _mm512_fmadd_ps(value, f, _mm512_set1_ps(poly[c]));
+  return _mm512_maskz_scalef_ps(kept, value, whole);
+}
+
+// The row's tail through lane masks.
 __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* x, int64_t n, float m) {
-  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExp2Low), log2e = _mm512_set1_ps(kLog2e);
+  const __m512 shift = _mm512_set1_ps(m);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
-    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift), log2e);
-    const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, t, low, _CMP_NLT_UQ);  // NaN: kept, stays NaN
-    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, whole);
-    __m512 poly = _mm512_set1_ps(kExp2Poly[0]);
-    for (int c = 1; c < 7; ++c) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2Poly[c]));
-    const __m512 result = _mm512_maskz_scalef_ps(kept, poly, whole);
+    const __m512 result = exp_shift_lanes(x + j, lanes, shift, kExp2Poly);
     _mm512_mask_storeu_ps(x + j, lanes, result);
     total = _mm512_add_ps(total, result);
   }
@@ -216,17 +226,11 @@ constexpr float kExp2PolyShort[5] = {9.5701003e-3f, 5.5917863e-2f, 2.4024744e-1f
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) float exp_shift_sum_bf16_avx512(const float* x,
                                                                                               int64_t n, float m,
                                                                                               uint16_t* out) {
-  const __m512 shift = _mm512_set1_ps(m), low = _mm512_set1_ps(kExp2Low), log2e = _mm512_set1_ps(kLog2e);
+  const __m512 shift = _mm512_set1_ps(m);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
-    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), shift), log2e);
-    const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, t, low, _CMP_NLT_UQ);  // NaN: kept, stays NaN
-    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, whole);
-    __m512 poly = _mm512_set1_ps(kExp2PolyShort[0]);
-    for (int c = 1; c < 5; ++c) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2PolyShort[c]));
-    const __m512 result = _mm512_maskz_scalef_ps(kept, poly, whole);
+    const __m512 result = exp_shift_lanes(x + j, lanes, shift, kExp2PolyShort);
     _mm256_mask_storeu_epi16(out + j, lanes, (__m256i)_mm512_cvtneps_pbh(result));
     total = _mm512_add_ps(total, result);
   }
