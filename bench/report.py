@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON of fasttf's suites into a report a person reads at a glance.
 
-    python bench/report.py RESULTS.json [--out DIR]
+    python bench/report.py RESULTS.json [MORE.json ...] [--out DIR]
 
 writes, into DIR (default: bench/results/), files named after the device the run measured
 (e.g. `cpu-amd-epyc-2-cores-1-thread`, `cuda-nvidia-h100-80gb-hbm3`):
@@ -12,7 +12,10 @@ writes, into DIR (default: bench/results/), files named after the device the run
     <device>.json               the pytest-benchmark JSON the report was made from, speedups included,
                                 without the per-round times (stats.data) to keep it small
 
-and prints the Markdown. The speedup is the eager twin's median over the entry's median, both from
+and prints the Markdown. Several JSONs (runs of one device, e.g. the suites of a GPU lease run one by
+one by .ci/gpu) make one report: their entries together, the first run's machine information; the
+runs must measure the same device, and a group timed in two of them is refused (its ratios would mix
+two runs). The speedup is the eager twin's median over the entry's median, both from
 the same run (conftest.py stores it in the JSON with `add_speedups`; it is recomputed here the same way).
 """
 
@@ -215,20 +218,43 @@ def plot(data: dict, out_dir: Path, stem: str) -> list[Path]:
     return written
 
 
+def merge(runs: list) -> dict:
+    """One report's data from several runs of one device: the first run's machine information and
+    every run's entries, with the runs' start times listed."""
+    devices = {device_slug(run) for run in runs}
+    if len(devices) > 1:
+        raise ValueError(f"the runs measured different devices: {', '.join(sorted(devices))}")
+    groups = [{entry["group"] for entry in run["benchmarks"]} for run in runs]
+    for index, later in enumerate(groups[1:], start=1):
+        shared = later & set().union(*groups[:index])
+        if shared:
+            raise ValueError(f"group {sorted(shared)[0]!r} was timed in two runs: a group's ratios come from one run")
+    data = dict(runs[0], benchmarks=[entry for run in runs for entry in run["benchmarks"]])
+    data["datetime"] = " + ".join(str(run.get("datetime", "?")) for run in runs)
+    return data
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (pytest bench --benchmark-json FILE)")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="pytest-benchmark JSON (pytest bench --benchmark-json FILE); several: one device's runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes (bench/results/)")
     args = parser.parse_args(argv)
-    data = json.loads(args.results.read_text())
-    if not data.get("benchmarks"):
-        print(f"{args.results}: no benchmark results (was the run made with --benchmark-disable?)", file=sys.stderr)
+    runs = [json.loads(path.read_text()) for path in args.results]
+    for path, run in zip(args.results, runs):
+        if not run.get("benchmarks"):
+            print(f"{path}: no benchmark results (was the run made with --benchmark-disable?)", file=sys.stderr)
+            return 1
+    try:
+        data = merge(runs)
+    except ValueError as error:
+        print(f"{' '.join(map(str, args.results))}: {error}", file=sys.stderr)
         return 1
     add_speedups(data["benchmarks"])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = device_slug(data)
     raw = args.out / f"{stem}.json"
-    if raw.resolve() != args.results.resolve():  # the run's JSON without each round's time (kept small)
+    if len(args.results) > 1 or raw.resolve() != args.results[0].resolve():  # the run's JSON without each round's time (kept small)
         slim = json.loads(json.dumps(data))
         for entry in slim["benchmarks"]:
             entry["stats"].pop("data", None)

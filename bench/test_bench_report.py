@@ -67,6 +67,42 @@ def test_report_writes_table_plot_and_raw_json(tmp_path):
     assert not (tmp_path / "out" / f"{stem}-residual-add-fwd.png").exists()  # one length: no plot
 
 
+def test_report_merges_the_runs_of_one_device(tmp_path):
+    attention, elementwise = made_up_results(), made_up_results()
+    attention["benchmarks"] = [b for b in attention["benchmarks"] if b["extra_info"].get("op") == "attention"]
+    elementwise["benchmarks"] = [b for b in elementwise["benchmarks"] if b["extra_info"].get("op") != "attention"]
+    elementwise["datetime"] = "2026-11-24T00:05:00"
+    paths = []
+    for name, run in (("attention", attention), ("elementwise", elementwise)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "out")]) == 0
+    stem = "cuda-nvidia-h100-80gb-hbm3"
+    table = (tmp_path / "out" / f"{stem}.md").read_text()
+    assert "| attention fwd float16 E=64 full: L=S=256 | fasttf | 2 ms | 16.8 GFLOP/s | 4x |" in table
+    assert "| fasttf | 100 µs | 12.5 GB/s (25% of copy) |" in table
+    assert "2026-11-24T00:00:00 + 2026-11-24T00:05:00" in table
+    assert len(json.loads((tmp_path / "out" / f"{stem}.json").read_text())["benchmarks"]) == 6
+
+
+def test_report_refuses_a_group_timed_in_two_runs_or_two_devices(tmp_path, capsys):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(made_up_results()))
+    second.write_text(json.dumps(made_up_results()))
+    assert report.main([str(first), str(second), "--out", str(tmp_path / "out")]) == 1
+    assert "was timed in two runs" in capsys.readouterr().err
+    other = made_up_results()
+    other["machine_info"]["fasttf"]["device_name"] = "NVIDIA H200"
+    other["benchmarks"] = other["benchmarks"][-2:]
+    second.write_text(json.dumps(other))
+    first_only = made_up_results()
+    first_only["benchmarks"] = first_only["benchmarks"][:4]
+    first.write_text(json.dumps(first_only))
+    assert report.main([str(first), str(second), "--out", str(tmp_path / "out")]) == 1
+    assert "different devices" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interleaved_speedup_alternates_the_pair(monkeypatch):
     import harness
 
