@@ -70,6 +70,24 @@ def test_two_dim_input_odd_dim_and_far_positions(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype, rows_that_fit", [(torch.float32, 256), (torch.float64, 128)])
+def test_cached_table_and_computed_positions_give_the_same_bits(device, dtype, rows_that_fit):
+    """Both ops read PE from a table cached per (D, base, compute type), at most 64 MiB, and compute
+    the positions it does not hold in float64 by the same expression. D = 65536: the table holds
+    `rows_that_fit` positions, so T = rows_that_fit + 4 is computed without one, and one position
+    with an offset comes from a table: the two must agree bit for bit."""
+    dim = 65536
+    torch.manual_seed(4)
+    x = torch.randn(1, rows_that_fit + 4, dim, device=device, dtype=dtype)
+    computed = fasttf.positional_encoding(x, 0)
+    position = rows_that_fit // 2
+    from_table = fasttf.positional_encoding(x[:, position:position + 1].contiguous(), position)
+    assert torch.equal(computed[:, position], from_table[:, 0])
+    expected = x.double() + reference.sinusoid_table(torch.arange(rows_that_fit + 4, device=device), dim)
+    assert (computed.double() - expected).abs().max().item() < (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_non_contiguous_input(device):
     torch.manual_seed(3)
     base = torch.randn(9, 4, 24, device=device)

@@ -2,8 +2,14 @@
 // the shared argument checks, contiguous inputs and fresh outputs, then the raw-pointer
 // launchers of the .cu files on the current stream. The dtypes are the CPU's: float32, float64,
 // float16 and bfloat16.
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "../args.h"
 #include "../ops.h"
@@ -32,6 +38,37 @@ void check_launch(const char* op, cudaError_t error) {
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 void* mut_ptr_or_null(at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
 
+// PE of positions [0, rows) cached per (device, D, base, compute type), as the CPU op caches its
+// own table (csrc/cpu/positional_encoding.cpp): at least `positions` rows, grown by doubling (from
+// 1024 rows), up to kMaxTableBytes; an undefined tensor where none fits. A new table is built on
+// `stream`, which is then synchronised: another stream may read the table next. While `stream` is
+// captured into a CUDA graph nothing is built (a sync is not allowed there); the table at hand is
+// used and the positions past it are computed in the kernel.
+at::Tensor sinusoid_table(const at::Device& device, int64_t dim, double base, bool float64, int64_t positions,
+                          cudaStream_t stream) {
+  constexpr int64_t kMaxTableBytes = int64_t(64) << 20;
+  const int64_t row_bytes = dim * (float64 ? 8 : 4);
+  if (dim == 0 || positions <= 0 || positions > kMaxTableBytes / row_bytes) return at::Tensor();
+  static std::mutex mutex;
+  // never destroyed: freeing CUDA memory in a static destructor can run after the CUDA context is gone
+  static auto* tables = new std::map<std::tuple<int, int64_t, double, bool>, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(static_cast<int>(device.index()), dim, base, float64);
+  const auto found = tables->find(key);
+  if (found != tables->end() && found->second.size(0) >= positions) return found->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return found != tables->end() ? found->second : at::Tensor();
+  int64_t rows = std::max<int64_t>(positions, 1024);
+  if (found != tables->end()) rows = std::max(rows, 2 * found->second.size(0));
+  rows = std::max<int64_t>(positions, std::min<int64_t>(rows, kMaxTableBytes / row_bytes));
+  auto table = at::empty({rows, dim}, at::TensorOptions().device(device).dtype(float64 ? at::kDouble : at::kFloat));
+  check_launch("positional_encoding", launch_sinusoid_table(float64, table.data_ptr(), rows, dim, base, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  (*tables)[key] = table;
+  return table;
+}
+
 }  // namespace
 
 at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
@@ -42,10 +79,17 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
   const auto x_c = x.contiguous();
   auto y = at::empty_like(x_c);
   at::Tensor offsets_c = has(offsets) ? offsets->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // the positions the table should hold: t + offset for every t (a far offset: [0, T) only, the rest
+  // computed); with per-sequence offsets, unknown here without a sync: [0, T)
+  const bool one_offset = !offsets_c.defined() && offset >= 0 && offset < (int64_t(1) << 32);
+  const at::Tensor table = layout.rows == 0 ? at::Tensor() :
+      sinusoid_table(x.device(), layout.dim, base, dtype == DType::kFloat64,
+                     one_offset ? offset + layout.t_mod : layout.t_mod, stream);
   PositionArgs args{layout.rows, layout.dim, layout.t_div, layout.t_mod, layout.n_div, layout.n_mod, offset,
-                    offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr, scale, base};
-  check_launch("positional_encoding", launch_positional_encoding(dtype, x_c.data_ptr(), y.data_ptr(), args,
-                                                                 c10::cuda::getCurrentCUDAStream()));
+                    offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr, scale, base,
+                    table.defined() ? table.data_ptr() : nullptr, table.defined() ? table.size(0) : 0};
+  check_launch("positional_encoding", launch_positional_encoding(dtype, x_c.data_ptr(), y.data_ptr(), args, stream));
   return y;
 }
 

@@ -16,11 +16,20 @@ struct PositionArgs {
   const int64_t* offsets;  // device pointer or nullptr
   double scale;
   double base;
+  // PE of positions [0, table_rows), [table_rows][dim] values of the compute type (float, or
+  // double for float64 tensors), from launch_sinusoid_table; nullptr: every value computed.
+  const void* table;
+  int64_t table_rows;
 };
 
-// y = x * scale + PE(position), the sinusoid computed in registers (float64 angles).
+// y = x * scale + PE(position): PE read from args.table where it holds the position, else
+// computed in registers (float64 angles, the same expression and bits as the table's).
 cudaError_t launch_positional_encoding(DType dtype, const void* x, void* y, const PositionArgs& args,
                                        cudaStream_t stream);
+
+// table[p, i] = PE(p, i) for p < rows, in float64 rounded to float (or kept in double).
+cudaError_t launch_sinusoid_table(bool float64, void* table, int64_t rows, int64_t dim, double base,
+                                  cudaStream_t stream);
 
 // out = scale * x (the positional encoding's backward).
 cudaError_t launch_scale(DType dtype, const void* x, void* out, int64_t n, double scale, cudaStream_t stream);
