@@ -198,7 +198,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // K and V of every (batch, kv head) packed per key block of block_n keys for the tiles.
 struct PackedKV {
   at::Tensor k, v;
-  int64_t block_n = 0, block_n_even = 0, blocks = 0, k_block = 0, v_block = 0;
+  at::Tensor k_pairs;  // the backward's K as row pairs, [block_n_even/2][E][2], for ds K
+  int64_t block_n = 0, block_n_even = 0, blocks = 0, k_block = 0, v_block = 0, k_pairs_block = 0;
   bool v_transposed = false;  // V^T for the backward's dO V^T, else V for the forward's P V
 };
 // Whether the CPU has AMX-BF16 (and the head dims are even): then the products below, else gemm.
@@ -214,6 +215,10 @@ void amx_output(const Problem<float, at::BFloat16>& p, const PackedKV& packed, i
 // dp[rows x n] (row stride ld_dp) = dO[rows x Ev] (row stride ld_do) V[j0 .. j0 + n)^T (packed V^T).
 void amx_dp(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
             int64_t j0, int64_t n, const at::BFloat16* dout, int64_t ld_do, float* dp, int64_t ld_dp);
+// dq[rows x E] += ds[rows x n] K[j0 .. j0 + n) (unscaled); ds's row stride ld_ds, and a zero at column n
+// when n is odd (the backward's packed K pairs).
+void amx_dq(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+            int64_t j0, int64_t n, const at::BFloat16* ds, int64_t ld_ds, float* dq);
 // The tile configuration of this thread given back (after a task's last product).
 void amx_release();
 // row[j] *= scale; scale_row_max also returns the max of the result (NaN ignored, as row_max).

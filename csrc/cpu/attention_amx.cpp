@@ -8,8 +8,9 @@
 //   output  acc += P V_j:   A = the rounded p z rows (an even count of columns, a zero appended to
 //                           odd ones), B = V_j packed as [n_even/2][Ev][2] (rows past S zero)
 //
-// The backward multiplies s = Q_i K_j^T and dp = dO_i V_j^T on the tiles (V packed as K is); its
-// (p z)^T dO, ds^T Q and ds K, whose operands it makes per tile, stay on MKL's bfloat16 GEMM.
+// The backward multiplies s = Q_i K_j^T and dp = dO_i V_j^T on the tiles (V^T packed as K^T is), and
+// dq += ds K_j (K packed a second time, as row pairs like the forward's V); its (p z)^T dO and ds^T Q,
+// whose transposed operands it makes per tile, stay on MKL's bfloat16 GEMM.
 // Used where the CPU has AMX-BF16 (cpublas::could_pack) and the head dims are even (a VNNI pair);
 // elsewhere the bfloat16 kernels run MKL's bfloat16 GEMM (attention_inputs.cpp).
 // GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*), as in
@@ -58,13 +59,28 @@ void pack_transposed(const uint16_t* rows, int64_t stride, int64_t n, int64_t bl
 }
 
 // dst[e] = the pair (even[e], odd[e]) as one 32-bit word, e < n.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void interleave_pairs(const uint16_t* even, const uint16_t* odd, int64_t n,
-                                                         uint32_t* dst) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void interleave_pairs(const uint16_t* even, const uint16_t* odd,
+                                                                           int64_t n, uint32_t* dst) {
   for (int64_t e = 0; e < n; e += 16) {
     const __mmask16 lanes = n - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - e)) - 1u);
     const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, even + e));
     const __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, odd + e));
     _mm512_mask_storeu_epi32(dst + e, lanes, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+  }
+}
+
+// Row pairs: word (j/2, e) of dst = the pair (row j [e], row j + 1 [e]) for even j < count, rows at
+// a stride of `stride` 16-bit elements; rows j >= n zero (the keys past S, an odd block's pad row).
+void pack_row_pairs(const uint16_t* rows, int64_t stride, int64_t n, int64_t count, int64_t width, uint32_t* dst) {
+  for (int64_t j = 0; j < count; j += 2) {
+    const uint16_t* even = j < n ? rows + j * stride : nullptr;
+    const uint16_t* odd = j + 1 < n ? rows + (j + 1) * stride : nullptr;
+    uint32_t* out = dst + (j / 2) * width;
+    if (even != nullptr && odd != nullptr) {
+      interleave_pairs(even, odd, width, out);
+    } else {
+      for (int64_t e = 0; e < width; ++e) out[e] = even != nullptr ? uint32_t(even[e]) : 0u;
+    }
   }
 }
 
@@ -88,6 +104,12 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_
   const int64_t heads = p.N * p.Hkv;
   packed.k = at::empty({heads * packed.blocks * packed.k_block}, at::kBFloat16);
   packed.v = at::empty({heads * packed.blocks * packed.v_block}, at::kBFloat16);
+  uint32_t* k_pairs = nullptr;
+  if (v_transposed) {
+    packed.k_pairs_block = packed.block_n_even * p.E;
+    packed.k_pairs = at::empty({heads * packed.blocks * packed.k_pairs_block}, at::kBFloat16);
+    k_pairs = reinterpret_cast<uint32_t*>(packed.k_pairs.data_ptr<at::BFloat16>());
+  }
   uint32_t* const k_words = reinterpret_cast<uint32_t*>(packed.k.data_ptr<at::BFloat16>());
   uint16_t* const v_out = reinterpret_cast<uint16_t*>(packed.v.data_ptr<at::BFloat16>());
   at::parallel_for(0, heads * packed.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -99,22 +121,14 @@ PackedKV pack_kv(const Problem<float, at::BFloat16>& p, int64_t block_n, bool v_
       pack_transposed(reinterpret_cast<const uint16_t*>(p.k_row(b, hk, j0)), p.k_sl, n, block_n, p.E / 2,
                       k_words + task * (packed.k_block / 2));
       uint32_t* vd = reinterpret_cast<uint32_t*>(v_out + task * packed.v_block);
-      if (v_transposed) {  // V^T, as K^T
+      if (v_transposed) {  // V^T, as K^T; and K as row pairs, as the forward's V
         pack_transposed(reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0)), p.v_sl, n, block_n, p.Ev / 2, vd);
+        pack_row_pairs(reinterpret_cast<const uint16_t*>(p.k_row(b, hk, j0)), p.k_sl, n, packed.block_n_even, p.E,
+                       k_pairs + task * (packed.k_pairs_block / 2));
         continue;
       }
-      // V: word (j/2, e) = the pair (v[j][e], v[j + 1][e]) for even j; rows past S (and the odd
-      // block's pad row) zero
-      for (int64_t j = 0; j < packed.block_n_even; j += 2) {
-        const uint16_t* even = j < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j)) : nullptr;
-        const uint16_t* odd = j + 1 < n ? reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0 + j + 1)) : nullptr;
-        uint32_t* dst = vd + (j / 2) * p.Ev;
-        if (even != nullptr && odd != nullptr) {
-          interleave_pairs(even, odd, p.Ev, dst);
-        } else {
-          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = even != nullptr ? uint32_t(even[e]) : 0u;
-        }
-      }
+      pack_row_pairs(reinterpret_cast<const uint16_t*>(p.v_row(b, hk, j0)), p.v_sl, n, packed.block_n_even, p.Ev,
+                     vd);
     }
   });
   return packed;
@@ -153,6 +167,15 @@ void amx_dp(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64
   TORCH_INTERNAL_ASSERT(packed.v_transposed);
   at::native::cpublas::brgemm(rows, n, p.Ev, ld_do, packed.block_n, ld_dp, /*add_C=*/false, dout,
                               packed_block(p, packed, packed.v, packed.v_block, b, h, j0), dp, /*is_vnni=*/true);
+}
+
+void amx_dq(const Problem<float, at::BFloat16>& p, const PackedKV& packed, int64_t b, int64_t h, int64_t rows,
+            int64_t j0, int64_t n, const at::BFloat16* ds, int64_t ld_ds, float* dq) {
+  if (rows <= 0 || n <= 0) return;
+  TORCH_INTERNAL_ASSERT(packed.k_pairs.defined());
+  at::native::cpublas::brgemm(rows, p.E, n + (n & 1), ld_ds, p.E, p.E, /*add_C=*/true, ds,
+                              packed_block(p, packed, packed.k_pairs, packed.k_pairs_block, b, h, j0), dq,
+                              /*is_vnni=*/true);
 }
 
 void amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }

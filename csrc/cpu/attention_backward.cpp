@@ -69,7 +69,9 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   // A task owns every batch (kv head) when the mask gradient is added in place and the mask is
   // broadcast over batches (heads), so no two tasks add into one of its elements.
   const int64_t task_batches = g.fold_batches ? p.N : 1, task_heads = g.fold_heads ? p.Hkv : 1;
-  bool amx = false;  // Q K^T and dO V^T on AMX tiles, K^T and V^T packed first (attention_amx.cpp)
+  // the rounded ds rows: room for a zero after an odd n (ds K on the tiles multiplies key pairs)
+  const int64_t ld_ds = block_n + (block_n & 1);
+  bool amx = false;  // Q K^T, dO V^T and ds K on AMX tiles, K^T, V^T and K packed first (attention_amx.cpp)
   PackedKV packed;
   if constexpr (kRound) {
     amx = amx_products(p, /*backward=*/true);
@@ -80,7 +82,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     const auto ptile = scratch<acc_t>(block_m * block_n), dptile = scratch<acc_t>(block_m * block_n);
     const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * block_n : 0);
     const auto pz_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
-    const auto ds_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
+    const auto ds_rounded = scratch<in_t>(kRound ? block_m * ld_ds : 0);
     std::vector<acc_t> z(block_n), delta(block_m);
     for (int64_t task = begin; task < end; ++task) {
      const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
@@ -185,25 +187,34 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               if constexpr (kRound) {
                 tile_operand<in_t>(p.dropout.on ? pztile.get() + r * block_n : pr, pz_rounded.get() + r * block_n, 1,
                                    n, block_n);
-                tile_operand<in_t>(dpr, ds_rounded.get() + r * block_n, 1, n, block_n);
+                tile_operand<in_t>(dpr, ds_rounded.get() + r * ld_ds, 1, n, ld_ds);
+                if (n & 1) ds_rounded[r * ld_ds + n] = in_t(0.0f);  // the last key pair's missing half
               }
             }
             const in_t* pz_op;  // the operands (p z) and ds, rounded to in_t
             const in_t* ds_op;
             if constexpr (kRound) {
-              pz_op = pz_rounded.get() + r0 * block_n, ds_op = ds_rounded.get() + r0 * block_n;
+              pz_op = pz_rounded.get() + r0 * block_n, ds_op = ds_rounded.get() + r0 * ld_ds;
             } else {
               pz_op = pz, ds_op = dp;
             }
+            const int64_t ld_ds_op = kRound ? ld_ds : block_n;
             gemm(true, false, n, p.Ev, m, acc_t(1), pz_op, block_n, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
                  dv + j0 * p.Ev, p.Ev);
-            gemm(true, false, n, p.E, m, p.scale, ds_op, block_n, q_i + r0 * p.q_sl, p.q_sl, acc_t(1), dk + j0 * p.E,
-                 p.E);
-            gemm(false, false, m, p.E, n, p.scale, ds_op, block_n, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
-                 dq_i + r0 * p.E, p.E);
-            // MKL configures the AMX tiles its own way: the next brgemm must set its configuration again
-            // (torch's brgemm keeps it per thread while its own kernel is the last one used)
-            if (amx) amx_release();
+            gemm(true, false, n, p.E, m, p.scale, ds_op, ld_ds_op, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
+                 dk + j0 * p.E, p.E);
+            if (amx) {
+              // MKL configures the AMX tiles its own way: the next brgemm must set its configuration again
+              // (torch's brgemm keeps it per thread while its own kernel is the last one used)
+              amx_release();
+              if constexpr (kRound) amx_dq(p, packed, b, h, m, j0, n, ds_op, ld_ds, dq_i + r0 * p.E);  // unscaled
+            } else {
+              gemm(false, false, m, p.E, n, p.scale, ds_op, ld_ds_op, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
+                   dq_i + r0 * p.E, p.E);
+            }
+          }
+          if (amx) {  // the tiles summed ds K unscaled
+            for (int64_t x = 0; x < rows * p.E; ++x) dq_i[x] *= p.scale;
           }
         }
       }
