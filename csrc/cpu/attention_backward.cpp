@@ -42,9 +42,11 @@ struct Grads {
   int64_t do_sb, do_sh, do_sl, o_sb, o_sh, o_sl;
   const acc_t* dw = nullptr;  // contiguous (N, H, L, S), or (N, L, S) when averaged
   bool dw_averaged = false;
-  acc_t* dq;
-  acc_t* dk;
-  acc_t* dv;
+  // dQ, dK, dV in the operand type: on the bfloat16 products summed in float32 scratch by the task
+  // that owns them and rounded once at its end (dK, dV: per (batch, kv head); dQ: per query block)
+  in_t* dq;
+  in_t* dk;
+  in_t* dv;
   acc_t* dmask_full = nullptr;  // (N, H, L, S), summed into the mask's shape afterwards, or null
   // or the mask gradient added in place, at dmask + b dm_sb + h dm_sh + i dm_sl + j dm_ss (its
   // (N, H, L, S) expanded strides), tasks folding the batches / kv heads it is broadcast over
@@ -84,13 +86,20 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     const auto pz_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
     const auto ds_rounded = scratch<in_t>(kRound ? block_m * ld_ds : 0);
     std::vector<acc_t> z(block_n), delta(block_m);
+    const auto dk_acc = scratch<acc_t>(kRound ? p.S * p.E : 0), dv_acc = scratch<acc_t>(kRound ? p.S * p.Ev : 0);
+    const auto dq_acc = scratch<acc_t>(kRound ? block_m * p.E : 0);
     for (int64_t task = begin; task < end; ++task) {
      const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
      const int64_t hk_first = (task % (p.Hkv / task_heads)) * task_heads;
      for (int64_t b = b_first; b < b_first + task_batches; ++b)
      for (int64_t hk = hk_first; hk < hk_first + task_heads; ++hk) {
-      acc_t* dk = g.dk + (b * p.Hkv + hk) * p.S * p.E;
-      acc_t* dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
+      acc_t* dk;
+      acc_t* dv;
+      if constexpr (kRound) {
+        dk = dk_acc.get(), dv = dv_acc.get();
+      } else {
+        dk = g.dk + (b * p.Hkv + hk) * p.S * p.E, dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
+      }
       std::fill(dk, dk + p.S * p.E, acc_t(0));  // here, not by at::zeros: one pass less, and in cache
       std::fill(dv, dv + p.S * p.Ev, acc_t(0));
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
@@ -99,7 +108,12 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           const in_t* q_i = p.q_row(b, h, i0);
           const in_t* do_i = g.dout + b * g.do_sb + h * g.do_sh + i0 * g.do_sl;
           const acc_t* lse_i = g.lse + (b * p.H + h) * p.L + i0;
-          acc_t* dq_i = g.dq + ((b * p.H + h) * p.L + i0) * p.E;
+          acc_t* dq_i;
+          if constexpr (kRound) {
+            dq_i = dq_acc.get();
+          } else {
+            dq_i = g.dq + ((b * p.H + h) * p.L + i0) * p.E;
+          }
           std::fill(dq_i, dq_i + rows * p.E, acc_t(0));
           for (int64_t r = 0; r < rows; ++r) {
             const in_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
@@ -216,7 +230,12 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           if (amx) {  // the tiles summed ds K unscaled
             for (int64_t x = 0; x < rows * p.E; ++x) dq_i[x] *= p.scale;
           }
+          if constexpr (kRound) round_rows(dq_i, g.dq + ((b * p.H + h) * p.L + i0) * p.E, 1, rows * p.E, rows * p.E);
         }
+      }
+      if constexpr (kRound) {
+        round_rows(dk, g.dk + (b * p.Hkv + hk) * p.S * p.E, 1, p.S * p.E, p.S * p.E);
+        round_rows(dv, g.dv + (b * p.Hkv + hk) * p.S * p.Ev, 1, p.S * p.Ev, p.S * p.Ev);
       }
      }
     }
@@ -265,14 +284,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   const at::TensorOptions acc = qa.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto lsea = lse.to(acc).contiguous();
   const auto problem = make_problem<acc_t, in_t>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed);
-  auto dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, acc);  // zeroed by its task
-  auto dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, acc);  // zeroed by its task
-  auto dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, acc);  // zeroed by its task
+  const at::TensorOptions grad = qa.options().dtype(c10::CppTypeToScalarType<in_t>::value);  // Grads::dq
+  auto dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, grad);  // written by its task
+  auto dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, grad);
+  auto dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, grad);
   Grads<acc_t, in_t> g;
   g.dout = doa.data_ptr<in_t>(), g.out = oa.data_ptr<in_t>(), g.lse = lsea.data_ptr<acc_t>();
   g.do_sb = doa.stride(0), g.do_sh = doa.stride(1), g.do_sl = doa.stride(2);
   g.o_sb = oa.stride(0), g.o_sh = oa.stride(1), g.o_sl = oa.stride(2);
-  g.dq = dq.data_ptr<acc_t>(), g.dk = dk.data_ptr<acc_t>(), g.dv = dv.data_ptr<acc_t>();
+  g.dq = dq.data_ptr<in_t>(), g.dk = dk.data_ptr<in_t>(), g.dv = dv.data_ptr<in_t>();
   at::Tensor dw;
   if (grad_weights.has_value() && grad_weights->defined()) {
     if (average_heads) {
