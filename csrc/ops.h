@@ -53,6 +53,8 @@ at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, 
 // The dtype the block products read q, k, v of this dtype in (float32, float64, or bfloat16 where
 // the CPU has bfloat16 dot products: cpu/attention.h).
 at::ScalarType native_attention_operand_type(at::ScalarType dtype);
+// x rounded to bfloat16 as the CPU attention kernel rounds its operands (for tests).
+at::Tensor round_to_bfloat16(const at::Tensor& x);
 }  // namespace cpu
 
 #ifdef FASTTF_WITH_CUDA

@@ -115,6 +115,25 @@ def cpu_flags():
         return []
 
 
+def test_bfloat16_rounding_is_torchs_bit_for_bit():
+    """The kernel rounds p z, ds, the output and the gradients to bfloat16 with its own row loop
+    (AVX-512 lanes, or the compiler's vectors under FASTTF_CPU_ISA): to nearest even, NaN quiet,
+    subnormals kept, as c10::BFloat16 does."""
+    from fasttf import _C
+    awkward = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 1.0078125, 3.39e38, -3.39e38, 3.4028235e38,
+                            float("inf"), float("-inf"), float("nan"), -float("nan"), 1e-39, -1e-40, 1.4e-45,
+                            1.1754942e-38, 2.5e-38], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    spread = torch.randn(4099, generator=generator) * 10.0 ** torch.randint(-44, 38, (4099,), generator=generator)
+    bits = torch.randint(-2**31, 2**31 - 1, (4099,), generator=generator, dtype=torch.int64).to(torch.int32)
+    for x in (awkward, spread.float(), bits.view(torch.float32)):
+        for n in (x.numel(), 15, 17):  # whole vectors and a masked tail
+            got, want = _C._round_to_bfloat16(x[:n]), x[:n].bfloat16()
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan)
+            assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_bfloat16_products_run_where_the_cpu_has_them():
     """bfloat16 q, k, v stay bfloat16 in the block products on a CPU with AVX512-BF16 (MKL's bfloat16
     GEMM, AMX tiles where there are some), unless FASTTF_CPU_ISA caps the ISA; else they are converted."""

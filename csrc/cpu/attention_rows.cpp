@@ -326,6 +326,31 @@ FASTTF_BODY void round_row_body(const float* src, uint16_t* dst, int64_t n) {
 }
 FASTTF_PER_ISA(void, round_row, (const float* src, uint16_t* dst, int64_t n), (src, dst, n))
 
+// round_row_body's integer rounding on 16 lanes of AVX-512 written out (the compiler's version of
+// the loop above ran 8 lanes of AVX2 instructions and was 9% of a bfloat16 forward+backward):
+// the same bits, NaN to 0x7fc0, subnormals kept (VCVTNEPS2BF16 would flush them).
+// (AVX-512F only, like has_avx512's check.)
+__attribute__((target("avx512f"))) __m512i round_lanes(__m512i bits) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+}
+
+__attribute__((target("avx512f"))) void round_row_lanes(const float* src, uint16_t* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i packed = _mm512_cvtepi32_epi16(round_lanes(_mm512_loadu_si512(src + j)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), packed);
+  }
+  if (j < n) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    _mm512_mask_cvtepi32_storeu_epi16(dst + j, lanes, round_lanes(_mm512_maskz_loadu_epi32(lanes, src + j)));
+  }
+}
+
 }  // namespace
 
 FASTTF_BODY void scale_row_body(float* row, int64_t n, float scale) {
@@ -367,7 +392,15 @@ float scale_row_max(float* row, int64_t n, float scale) {
 }
 
 void round_rows(const float* src, at::BFloat16* dst, int64_t rows, int64_t n, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) round_row(src + r * ld, reinterpret_cast<uint16_t*>(dst + r * ld), n);
+  const bool lanes = has_avx512();
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst + r * ld);
+    if (lanes) {
+      round_row_lanes(src + r * ld, out, n);
+    } else {
+      round_row(src + r * ld, out, n);
+    }
+  }
 }
 
 void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
@@ -379,5 +412,15 @@ void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
 }
 
 }  // namespace attention
+
+at::Tensor round_to_bfloat16(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "fasttf._round_to_bfloat16: expected a float32 ",
+              "CPU tensor");
+  const auto src = x.contiguous();
+  auto out = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+  attention::round_rows(src.data_ptr<float>(), out.data_ptr<at::BFloat16>(), 1, src.numel(), src.numel());
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace fasttf
