@@ -227,10 +227,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
                    dq_i + r0 * p.E, p.E);
             }
           }
-          if (amx) {  // the tiles summed ds K unscaled
-            for (int64_t x = 0; x < rows * p.E; ++x) dq_i[x] *= p.scale;
+          if constexpr (kRound) {
+            if (amx) scale_row(dq_i, rows * p.E, p.scale);  // the tiles summed ds K unscaled
+            round_rows(dq_i, g.dq + ((b * p.H + h) * p.L + i0) * p.E, 1, rows * p.E, rows * p.E);
           }
-          if constexpr (kRound) round_rows(dq_i, g.dq + ((b * p.H + h) * p.L + i0) * p.E, 1, rows * p.E, rows * p.E);
         }
       }
       if constexpr (kRound) {

@@ -314,7 +314,7 @@ namespace {
 
 // dst[j] = src[j] rounded to bfloat16, to nearest even (NaN stays NaN), the bits of c10::BFloat16(x)
 // in integer ops the compiler vectorises.
-FASTTF_BODY void round_row_body(const float* src, uint16_t* dst, int64_t n) {
+FASTTF_BODY void round_row_plain_body(const float* src, uint16_t* dst, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     uint32_t bits;
@@ -324,9 +324,9 @@ FASTTF_BODY void round_row_body(const float* src, uint16_t* dst, int64_t n) {
     dst[j] = static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
   }
 }
-FASTTF_PER_ISA(void, round_row, (const float* src, uint16_t* dst, int64_t n), (src, dst, n))
+FASTTF_PER_ISA(void, round_row_plain, (const float* src, uint16_t* dst, int64_t n), (src, dst, n))
 
-// round_row_body's integer rounding on 16 lanes of AVX-512 written out (the compiler's version of
+// round_row_plain's integer rounding on 16 lanes of AVX-512 written out (the compiler's version of
 // the loop above ran 8 lanes of AVX2 instructions and was 9% of a bfloat16 forward+backward):
 // the same bits, NaN to 0x7fc0, subnormals kept (VCVTNEPS2BF16 would flush them).
 // (AVX-512F only, like has_avx512's check.)
@@ -348,6 +348,14 @@ __attribute__((target("avx512f"))) void round_row_lanes(const float* src, uint16
   if (j < n) {
     const __mmask16 lanes = static_cast<__mmask16>((1u << (n - j)) - 1u);
     _mm512_mask_cvtepi32_storeu_epi16(dst + j, lanes, round_lanes(_mm512_maskz_loadu_epi32(lanes, src + j)));
+  }
+}
+
+void round_row(const float* src, uint16_t* dst, int64_t n) {
+  if (has_avx512()) {
+    round_row_lanes(src, dst, n);
+  } else {
+    round_row_plain(src, dst, n);
   }
 }
 
@@ -392,15 +400,7 @@ float scale_row_max(float* row, int64_t n, float scale) {
 }
 
 void round_rows(const float* src, at::BFloat16* dst, int64_t rows, int64_t n, int64_t ld) {
-  const bool lanes = has_avx512();
-  for (int64_t r = 0; r < rows; ++r) {
-    uint16_t* out = reinterpret_cast<uint16_t*>(dst + r * ld);
-    if (lanes) {
-      round_row_lanes(src + r * ld, out, n);
-    } else {
-      round_row(src + r * ld, out, n);
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) round_row(src + r * ld, reinterpret_cast<uint16_t*>(dst + r * ld), n);
 }
 
 void keep_row(const DropoutSpec& d, int64_t start, int64_t n, bool* keep) {
