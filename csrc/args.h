@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "checks.h"
@@ -98,6 +99,17 @@ inline void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual
   check_norm_affine(op, x, bias, "bias");
   TORCH_CHECK_VALUE(eps >= 0.0, "fasttf.add_layer_norm: expected eps >= 0, got ", float_str(eps));
   check_dropout(op, dropout_p, seed);
+}
+
+// positional_encoding's PE tables (CPU and CUDA), cached per (D, base, compute type): the rows a table
+// that must hold `positions` rows gets, where the one held now has `held_rows` (0: none) -- at
+// least 1024, at least double the held one, at most kMaxSinusoidTableBytes -- or 0 where `positions`
+// rows of `row_bytes` do not fit.
+constexpr int64_t kMaxSinusoidTableBytes = int64_t(64) << 20;
+inline int64_t sinusoid_table_rows(int64_t positions, int64_t held_rows, int64_t row_bytes) {
+  const int64_t max_rows = row_bytes > 0 ? kMaxSinusoidTableBytes / row_bytes : 0;
+  if (positions > max_rows) return 0;
+  return std::max(positions, std::min(std::max<int64_t>({positions, 1024, 2 * held_rows}), max_rows));
 }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

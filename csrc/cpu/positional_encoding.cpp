@@ -5,7 +5,7 @@
 // PE comes from a table cached per (D, base, float|double), computed in float64 once and grown
 // as positions need it: one fused pass that reads x and the table and writes y measured faster
 // than computing sin/cos per element (see the issue-4 note). Positions outside the table's range
-// (negative, or a table over kMaxTableBytes) are computed directly in float64.
+// (negative, or a table over kMaxSinusoidTableBytes, args.h) are computed directly in float64.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -22,7 +22,6 @@ namespace fasttf {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxTableBytes = int64_t(64) << 20;
 
 // w_k = base^(-2k / D) for every dim i (k = i / 2), in float64 as the reference computes it.
 std::vector<double> inverse_frequencies(int64_t dim, double base) {
@@ -44,15 +43,13 @@ void sinusoid_row(int64_t position, const std::vector<double>& inv_freq, acc_t* 
 at::Tensor sinusoid_table(int64_t dim, double base, at::ScalarType acc_dtype, int64_t positions) {
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, double, int>, at::Tensor> tables;
-  const int64_t element_bytes = acc_dtype == at::kDouble ? 8 : 4;
-  if (positions * dim * element_bytes > kMaxTableBytes) return at::Tensor();
+  const int64_t row_bytes = dim * (acc_dtype == at::kDouble ? 8 : 4);
+  if (sinusoid_table_rows(positions, 0, row_bytes) == 0) return at::Tensor();
   std::lock_guard<std::mutex> lock(mutex);
   auto key = std::make_tuple(dim, base, static_cast<int>(acc_dtype));
   auto found = tables.find(key);
   if (found != tables.end() && found->second.size(0) >= positions) return found->second;
-  int64_t rows = std::max<int64_t>(positions, 1024);
-  if (found != tables.end()) rows = std::max(rows, 2 * found->second.size(0));
-  rows = std::max<int64_t>(positions, std::min<int64_t>(rows, kMaxTableBytes / (dim * element_bytes)));
+  const int64_t rows = sinusoid_table_rows(positions, found != tables.end() ? found->second.size(0) : 0, row_bytes);
   auto table = at::empty({rows, dim}, at::TensorOptions().dtype(acc_dtype));
   const auto inv_freq = inverse_frequencies(dim, base);
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sinusoid_table", [&] {

@@ -39,16 +39,15 @@ const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr()
 void* mut_ptr_or_null(at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
 
 // PE of positions [0, rows) cached per (device, D, base, compute type), as the CPU op caches its
-// own table (csrc/cpu/positional_encoding.cpp): at least `positions` rows, grown by doubling (from
-// 1024 rows), up to kMaxTableBytes; an undefined tensor where none fits. A new table is built on
+// own table (csrc/cpu/positional_encoding.cpp), sized by the same rule (sinusoid_table_rows,
+// args.h); an undefined tensor where none fits. A new table is built on
 // `stream`, which is then synchronised: another stream may read the table next. While `stream` is
 // captured into a CUDA graph nothing is built (a sync is not allowed there); the table at hand is
 // used and the positions past it are computed in the kernel.
 at::Tensor sinusoid_table(const at::Device& device, int64_t dim, double base, bool float64, int64_t positions,
                           cudaStream_t stream) {
-  constexpr int64_t kMaxTableBytes = int64_t(64) << 20;
   const int64_t row_bytes = dim * (float64 ? 8 : 4);
-  if (dim == 0 || positions <= 0 || positions > kMaxTableBytes / row_bytes) return at::Tensor();
+  if (positions <= 0 || sinusoid_table_rows(positions, 0, row_bytes) == 0) return at::Tensor();
   static std::mutex mutex;
   // never destroyed: freeing CUDA memory in a static destructor can run after the CUDA context is gone
   static auto* tables = new std::map<std::tuple<int, int64_t, double, bool>, at::Tensor>();
@@ -59,9 +58,7 @@ at::Tensor sinusoid_table(const at::Device& device, int64_t dim, double base, bo
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return found != tables->end() ? found->second : at::Tensor();
-  int64_t rows = std::max<int64_t>(positions, 1024);
-  if (found != tables->end()) rows = std::max(rows, 2 * found->second.size(0));
-  rows = std::max<int64_t>(positions, std::min<int64_t>(rows, kMaxTableBytes / row_bytes));
+  const int64_t rows = sinusoid_table_rows(positions, found != tables->end() ? found->second.size(0) : 0, row_bytes);
   auto table = at::empty({rows, dim}, at::TensorOptions().device(device).dtype(float64 ? at::kDouble : at::kFloat));
   check_launch("positional_encoding", launch_sinusoid_table(float64, table.data_ptr(), rows, dim, base, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
