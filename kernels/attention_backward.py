@@ -22,7 +22,7 @@ import triton.language as tl
 from fasttf.kernels.attention_common import (
     AUTOTUNE_KEY, INTERPRET, INTERPRET_BLOCK, LOG2E, configs, dot, dropout_args, dropout_keep,
     dropout_keep_transposed, emulate_bf16, grid, input_precision, load_mask_tile, mask_args, padded_dim,
-    program_coords, prune, to_dtype)
+    program_coords, prune_for, to_dtype)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, mask_base, dw_base, l
     return dk, dv
 
 
-@triton.autotune(configs=configs("bwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=configs("bwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_for("bwd")})
 @triton.jit
 def _attention_bwd_dkdv_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dK, dV,
                                stride_qz, stride_qh, stride_qm, stride_qe,
@@ -205,7 +205,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dw_base, see
     return dq
 
 
-@triton.autotune(configs=configs("bwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=configs("bwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_for("bwd")})
 @triton.jit
 def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dQ,
                              stride_qz, stride_qh, stride_qm, stride_qe,

@@ -33,6 +33,31 @@ GPU_TILES = {
     "bwd": [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2),
             (64, 32, 4, 2), (32, 32, 4, 1)],
 }
+
+
+def tiles_from_env(value, default):
+    """The tile lists with FASTTF_GPU_TILES applied: "fwd=128x128x8x3,128x64x8x4;bwd=64x64x4x2"
+    replaces a kind's list by those (BLOCK_M, BLOCK_N, num_warps, num_stages), so that a GPU lease
+    can time other tiles without editing this file. Returns (lists, the kinds replaced)."""
+    tiles, replaced = dict(default), set()
+    for part in filter(None, (piece.strip() for piece in (value or "").split(";"))):
+        kind, _, listed = part.partition("=")
+        kind = kind.strip()
+        fields = [tile.strip().split("x") for tile in listed.split(",") if tile.strip()]
+        if kind not in default or not fields or any(len(f) != 4 or not all(x.isdigit() for x in f) for f in fields):
+            raise ValueError(f"FASTTF_GPU_TILES: expected 'kind=MxNxWARPSxSTAGES,...;...' with kind in "
+                             f"{sorted(default)} and positive integers, got {part!r}")
+        parsed = [tuple(int(x) for x in f) for f in fields]
+        if any(block & (block - 1) or block < 16 for tile in parsed for block in tile[:2]) or \
+                any(warps not in (1, 2, 4, 8, 16) or stages < 1 for _, _, warps, stages in parsed):
+            raise ValueError(f"FASTTF_GPU_TILES: BLOCK_M and BLOCK_N must be powers of two >= 16, num_warps one "
+                             f"of 1, 2, 4, 8, 16 and num_stages >= 1, got {part!r}")
+        tiles[kind] = parsed
+        replaced.add(kind)
+    return tiles, replaced
+
+
+GPU_TILES, GPU_TILES_FROM_ENV = tiles_from_env(os.environ.get("FASTTF_GPU_TILES"), GPU_TILES)
 AUTOTUNE = not INTERPRET and os.environ.get("FASTTF_AUTOTUNE", "1") != "0"
 INTERPRET_BLOCK = 16  # the interpreter's one tile (BLOCK_M = BLOCK_N), and the plain kernels' block there
 
@@ -42,6 +67,14 @@ def configs(kind):
         return [triton.Config({"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
             for block_m, block_n, num_warps, num_stages in GPU_TILES[kind]]
+
+
+def prune_for(kind):
+    """The autotuner's pruning for one kind: tiles named in FASTTF_GPU_TILES are all timed (the
+    autotuner skips those that run out of shared memory), the built-in lists are pruned by `prune`."""
+    if kind in GPU_TILES_FROM_ENV and not INTERPRET:
+        return lambda configs, named_args, **kwargs: configs if AUTOTUNE else configs[:1]
+    return prune
 
 
 def prune(configs, named_args, **kwargs):

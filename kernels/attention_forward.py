@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fasttf.kernels.attention_common import (
     AUTOTUNE_KEY, LOG2E, configs, dot, dropout_args, dropout_keep, emulate_bf16, grid, input_precision,
-    load_mask_tile, mask_args, padded_dim, program_coords, prune, to_dtype)
+    load_mask_tile, mask_args, padded_dim, program_coords, prune_for, to_dtype)
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, off_bh,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_for("fwd")})
 @triton.jit
 def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                           stride_qz, stride_qh, stride_qm, stride_qe,

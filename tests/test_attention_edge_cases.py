@@ -262,3 +262,37 @@ def test_nan_in_a_float_mask_poisons_its_row_like_torch(attention_backend):
     assert torch.isnan(ours[:, :, 2]).all()
     rows = [0, 1, 3, 4]
     torch.testing.assert_close(ours[:, :, rows], theirs[:, :, rows], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# FASTTF_GPU_TILES: other tile lists for a GPU experiment, checked before any kernel sees them
+
+
+def test_gpu_tiles_from_env_replace_the_named_kind_only():
+    default = {"fwd": [(64, 64, 4, 2)], "bwd": [(32, 32, 4, 1)]}
+    tiles, replaced = common.tiles_from_env(" fwd=128x128x8x3, 128x64x8x4 ; ", default)
+    assert tiles == {"fwd": [(128, 128, 8, 3), (128, 64, 8, 4)], "bwd": [(32, 32, 4, 1)]}
+    assert replaced == {"fwd"}
+    assert common.tiles_from_env(None, default) == (default, set())
+    assert common.tiles_from_env("", default) == (default, set())
+
+
+@pytest.mark.parametrize("value", ["fwd", "fwd=", "fwd=128x128x8", "fwd=128x128x8x3x1", "fwd=128xAx8x3",
+                                   "both=64x64x4x2", "fwd=96x64x4x2", "fwd=8x64x4x2", "fwd=64x64x3x2",
+                                   "fwd=64x64x4x0", "fwd=-64x64x4x2"])
+def test_gpu_tiles_from_env_refuse_what_is_not_a_tile(value):
+    with pytest.raises(ValueError, match="FASTTF_GPU_TILES"):
+        common.tiles_from_env(value, {"fwd": [(64, 64, 4, 2)], "bwd": [(32, 32, 4, 1)]})
+
+
+def test_tiles_named_in_the_env_skip_the_head_dim_pruning(monkeypatch):
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "GPU_TILES_FROM_ENV", {"fwd"})
+    wide = [type("Config", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128}})() for _ in range(2)]
+    args = {"BLOCK_E": 256, "BLOCK_EV": 256, "Q": torch.empty(1, dtype=torch.bfloat16)}
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    assert common.prune_for("fwd")(wide, args) == wide
+    assert common.prune(wide, args) == wide[-1:]  # the built-in rule would keep none but the last
+    assert common.prune_for("bwd") is common.prune
+    monkeypatch.setattr(common, "AUTOTUNE", False)
+    assert common.prune_for("fwd")(wide, args) == wide[:1]
