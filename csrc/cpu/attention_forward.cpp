@@ -47,11 +47,12 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
     SingleThreadBlas single_thread_blas;
     const auto scores = scratch<acc_t>(block_m * block_n);
     const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * ld_p : 0);
-    std::vector<acc_t> acc(block_m * p.Ev), m(block_m), l(block_m), z(block_n);
+    const auto acc = scratch<acc_t>(block_m * p.Ev);  // the (p z) V sums: C of a block product
+    std::vector<acc_t> m(block_m), l(block_m), z(block_n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
       const int64_t i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L), rows = i1 - i0;
-      std::fill(acc.begin(), acc.begin() + rows * p.Ev, acc_t(0));
+      std::fill(acc.get(), acc.get() + rows * p.Ev, acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       const int64_t key_end = p.key_end(i1);
@@ -98,7 +99,7 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != acc_t(1)) {  // acc_r *= alpha
-            acc_t* a = acc.data() + r * p.Ev;
+            acc_t* a = acc.get() + r * p.Ev;
             scale_add_rows(a, alpha, static_cast<const acc_t*>(nullptr), a, p.Ev);
           }
           if (p.dropout.on) {
@@ -112,19 +113,19 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
             if (n & 1) {  // a pair of keys at a time: the last one of an odd n weighs 0
               for (int64_t r = r0; r < rows; ++r) scores_rounded[r * ld_p + n] = in_t(0.0f);
             }
-            amx_output(p, packed, b, h, rows - r0, j0, n, pz, ld_p, acc.data() + r0 * p.Ev);
+            amx_output(p, packed, b, h, rows - r0, j0, n, pz, ld_p, acc.get() + r0 * p.Ev);
           } else {
             gemm(false, false, rows - r0, p.Ev, n, acc_t(1), pz, ld_p, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
-                 acc.data() + r0 * p.Ev, p.Ev);
+                 acc.get() + r0 * p.Ev, p.Ev);
           }
         } else {
           gemm(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
-               acc.data() + r0 * p.Ev, p.Ev);
+               acc.get() + r0 * p.Ev, p.Ev);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         out_t* o = out + b * o_sb + h * o_sh + (i0 + r) * o_sl;
-        acc_t* a = acc.data() + r * p.Ev;
+        acc_t* a = acc.get() + r * p.Ev;
         const acc_t inv = l[r] > acc_t(0) ? acc_t(1) / l[r] : acc_t(0);
         if constexpr (kRoundP) {
           for (int64_t e = 0; e < p.Ev; ++e) a[e] *= inv;
