@@ -109,7 +109,7 @@ constexpr int64_t kMaxSinusoidTableBytes = int64_t(64) << 20;
 inline int64_t sinusoid_table_rows(int64_t positions, int64_t held_rows, int64_t row_bytes) {
   const int64_t max_rows = row_bytes > 0 ? kMaxSinusoidTableBytes / row_bytes : 0;
   if (positions > max_rows) return 0;
-  return std::max(positions, std::min(std::max<int64_t>({positions, 1024, 2 * held_rows}), max_rows));
+  return std::min(std::max<int64_t>({positions, 1024, 2 * held_rows}), max_rows);  // >= positions: fits
 }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
