@@ -48,6 +48,31 @@ def test_forward_and_backward_against_reference_and_eager(device, dtype, shape, 
     assert_close_to_reference(residual.grad, r64.grad, re.grad, "dresidual")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [5, 8, 67, 1031])
+def test_16_bit_sums_round_like_eager_bit_for_bit(dtype, length):
+    """Without dropout the sum is eager's `residual + x`: float32 math, rounded to nearest even, in every
+    lane of the vector body and the scalar tail (lengths off the 8/16-lane vectors), including ties, the
+    overflow to inf, subnormal results, inf - inf and NaN. (csrc/cpu/row_math.cpp converts 16-bit values
+    differently per vector width; test_cpu_isa_fallbacks.py runs this at each.)"""
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randn(length, generator=generator).to(dtype)
+    residual = torch.randn(length, generator=generator).to(dtype)
+    info = torch.finfo(dtype)
+    ulp_half = info.eps / 2  # half an ulp of 1: 1 + it is a tie, rounded down to 1 (even)
+    pairs = [(1.0, ulp_half), (1.0 + 2 * ulp_half, ulp_half), (-1.0, -ulp_half), (info.max, info.max),
+             (info.tiny, -info.tiny / 2), (info.tiny / 4, info.tiny / 8), (float("inf"), float("-inf")),
+             (float("nan"), 1.0), (float("-inf"), 3.0), (0.0, -0.0)]
+    for index, (a, b) in enumerate(pairs[:length]):
+        x[index * 7 % length], residual[index * 7 % length] = a, b
+    out = fasttf.residual_add(x, residual)
+    expected = residual + x
+    assert out.dtype == dtype
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_eval_mode_and_zero_p_skip_dropout(device):
     x, residual = torch.randn(4, 10, device=device), torch.randn(4, 10, device=device)
