@@ -64,12 +64,9 @@ FASTTF_INLINE U32<W> widen_u16(U16<W> h) {
   if constexpr (W == 32) {
     typedef short S16x8 __attribute__((vector_size(16)));
     return (U32<W>)__builtin_ia32_pmovzxwd256((S16x8)h);
-  } else {
-    return __builtin_convertvector(h, U32<W>);
   }
-#else
-  return __builtin_convertvector(h, U32<W>);
 #endif
+  return __builtin_convertvector(h, U32<W>);
 }
 
 template <int W>
@@ -81,12 +78,9 @@ FASTTF_INLINE U16<W> narrow_u32(U32<W> u) {
     __builtin_memcpy(&low, &u, 16);
     __builtin_memcpy(&high, reinterpret_cast<const char*>(&u) + 16, 16);
     return (U16<W>)__builtin_ia32_packusdw128(low, high);  // saturates at 0xFFFF: exact for these values
-  } else {
-    return __builtin_convertvector(u, U16<W>);
   }
-#else
-  return __builtin_convertvector(u, U16<W>);
 #endif
+  return __builtin_convertvector(u, U16<W>);
 }
 
 // bfloat16 <-> float: the top half of the float's bits; rounding to nearest even, NaN -> 0x7FC0.
