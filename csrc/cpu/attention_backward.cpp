@@ -73,6 +73,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   const int64_t task_batches = g.fold_batches ? p.N : 1, task_heads = g.fold_heads ? p.Hkv : 1;
   // the rounded ds rows: room for a zero after an odd n (ds K on the tiles multiplies key pairs)
   const int64_t ld_ds = block_n + (block_n & 1);
+  // the float tiles' row stride (p, dp, p z): padded, for the products that read them transposed
+  const int64_t ld = padded_stride(block_n);
   bool amx = false;  // Q K^T, dO V^T and ds K on AMX tiles, K^T, V^T and K packed first (attention_amx.cpp)
   PackedKV packed;
   if constexpr (kRound) {
@@ -81,8 +83,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   }
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    const auto ptile = scratch<acc_t>(block_m * block_n), dptile = scratch<acc_t>(block_m * block_n);
-    const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * block_n : 0);
+    const auto ptile = scratch<acc_t>(block_m * ld), dptile = scratch<acc_t>(block_m * ld);
+    const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * ld : 0);
     const auto pz_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
     const auto ds_rounded = scratch<in_t>(kRound ? block_m * ld_ds : 0);
     std::vector<acc_t> z(block_n), delta(block_m);
@@ -126,14 +128,14 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           auto probabilities = [&](int64_t j0, int64_t n) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
             if constexpr (kRound) {
-              if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, ptile.get() + r0 * block_n, block_n);
+              if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, ptile.get() + r0 * ld, ld);
             }
             if (!amx) {
               gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
-                   p.k_sl, acc_t(0), ptile.get() + r0 * block_n, block_n);
+                   p.k_sl, acc_t(0), ptile.get() + r0 * ld, ld);
             }
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* row = ptile.get() + r * block_n;
+              acc_t* row = ptile.get() + r * ld;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
                 std::fill(row, row + n, acc_t(0));
                 continue;
@@ -151,7 +153,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               const int64_t n = std::min(j0 + block_n, key_end) - j0;
               const int64_t r0 = probabilities(j0, n);
               for (int64_t r = r0; r < rows; ++r) {
-                const acc_t* row = ptile.get() + r * block_n;
+                const acc_t* row = ptile.get() + r * ld;
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 if (p.dropout.on) dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
                 acc_t sum = 0;
@@ -163,26 +165,26 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
             const int64_t n = std::min(j0 + block_n, key_end) - j0;
             const int64_t r0 = probabilities(j0, n), m = rows - r0;
-            acc_t* dp = dptile.get() + r0 * block_n;
+            acc_t* dp = dptile.get() + r0 * ld;
             if constexpr (kRound) {
-              if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, block_n);
+              if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, ld);
             }
             if (!amx) {
               gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
-                   acc_t(0), dp, block_n);
+                   acc_t(0), dp, ld);
             }
-            const acc_t* pz = ptile.get() + r0 * block_n;
-            if (p.dropout.on) pz = pztile.get() + r0 * block_n;
+            const acc_t* pz = ptile.get() + r0 * ld;
+            if (p.dropout.on) pz = pztile.get() + r0 * ld;
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* pr = ptile.get() + r * block_n;
-              acc_t* dpr = dptile.get() + r * block_n;
+              acc_t* pr = ptile.get() + r * ld;
+              acc_t* dpr = dptile.get() + r * ld;
               if (g.dw != nullptr) {
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
               }
               if (p.dropout.on) {
                 dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
-                softmax_grad_row_dropout(pr, z.data(), pztile.get() + r * block_n, dpr, delta[r], n);
+                softmax_grad_row_dropout(pr, z.data(), pztile.get() + r * ld, dpr, delta[r], n);
               } else {
                 softmax_grad_row(pr, dpr, delta[r], n);
               }
@@ -199,7 +201,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
                 }
               }
               if constexpr (kRound) {
-                tile_operand<in_t>(p.dropout.on ? pztile.get() + r * block_n : pr, pz_rounded.get() + r * block_n, 1,
+                tile_operand<in_t>(p.dropout.on ? pztile.get() + r * ld : pr, pz_rounded.get() + r * block_n, 1,
                                    n, block_n);
                 tile_operand<in_t>(dpr, ds_rounded.get() + r * ld_ds, 1, n, ld_ds);
                 if (n & 1) ds_rounded[r * ld_ds + n] = in_t(0.0f);  // the last key pair's missing half
@@ -212,8 +214,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             } else {
               pz_op = pz, ds_op = dp;
             }
-            const int64_t ld_ds_op = kRound ? ld_ds : block_n;
-            gemm(true, false, n, p.Ev, m, acc_t(1), pz_op, block_n, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
+            const int64_t ld_ds_op = kRound ? ld_ds : ld, ld_pz_op = kRound ? block_n : ld;
+            gemm(true, false, n, p.Ev, m, acc_t(1), pz_op, ld_pz_op, do_i + r0 * g.do_sl, g.do_sl, acc_t(1),
                  dv + j0 * p.Ev, p.Ev);
             gemm(true, false, n, p.E, m, p.scale, ds_op, ld_ds_op, q_i + r0 * p.q_sl, p.q_sl, acc_t(1),
                  dk + j0 * p.E, p.E);
