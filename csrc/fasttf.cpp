@@ -113,6 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      py::arg("grad_weights"), py::arg("average_heads"), py::arg("mask_requires_grad"));
   // For tests and reports: the dtype the CPU attention kernel's block products read inputs of a dtype in.
   m.def("_cpu_attention_operand_dtype", &fasttf::cpu::native_attention_operand_type, py::arg("dtype"));
+  // For tests and reports: whether float32 block products run on the AVX2 micro-kernel (attention_panels.cpp).
+  m.def("_cpu_attention_panels", &fasttf::cpu::native_attention_panels);
   // For tests: float32 rounded to bfloat16 by the CPU attention kernel's rounding (round_rows).
   m.def("_round_to_bfloat16", &fasttf::cpu::round_to_bfloat16, py::arg("x"));
   // For tests: the CPU dropout multipliers of elements [start, start + n) as the kernels draw them

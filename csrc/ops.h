@@ -53,6 +53,9 @@ at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, 
 // The dtype the block products read q, k, v of this dtype in (float32, float64, or bfloat16 where
 // the CPU has bfloat16 dot products: cpu/attention.h).
 at::ScalarType native_attention_operand_type(at::ScalarType dtype);
+// Whether the CPU attention kernel's float32 block products run on its AVX2 micro-kernel (AVX2 the widest
+// ISA, FASTTF_CPU_ISA counted), not MKL's sgemm.
+bool native_attention_panels();
 // x rounded to bfloat16 as the CPU attention kernel rounds its operands (for tests).
 at::Tensor round_to_bfloat16(const at::Tensor& x);
 }  // namespace cpu

@@ -145,6 +145,18 @@ def test_bfloat16_products_run_where_the_cpu_has_them():
     assert _C._cpu_attention_operand_dtype(torch.float64) == torch.float64
 
 
+def test_float32_products_on_the_avx2_micro_kernel_where_avx2_is_widest():
+    """float32 block products run on the hand-written AVX2 micro-kernel (K and V packed in 16-column panels)
+    on a CPU whose widest vectors are AVX2, or with FASTTF_CPU_ISA=avx2 (tests/test_cpu_isa_fallbacks.py
+    runs this file so); else on MKL's sgemm. SHAPES above cover its edges: row counts past multiples of 6,
+    key counts and head dims past multiples of 16, and query blocks too short to pack for (L < 32)."""
+    from fasttf import _C
+    flags, isa = cpu_flags(), os.environ.get("FASTTF_CPU_ISA", "")
+    avx2 = "avx2" in flags and "fma" in flags and isa != "generic"
+    widest = "avx512f" not in flags or isa == "avx2"
+    assert _C._cpu_attention_panels() == (avx2 and widest)
+
+
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
 def test_bfloat16_rounds_p_as_torch_does(mask_kind):
     """On the bfloat16 products the output is (p rounded to bfloat16) V / l, as in torch's CPU flash kernel:

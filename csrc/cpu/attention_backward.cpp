@@ -14,6 +14,8 @@
 //       dK_j += scale ds^T Q_i,  dQ_i += scale ds K_j     (BLAS)
 //   (on the bfloat16 products, attention.h: p z and ds rounded to bfloat16 for their products;
 //   dQ, dK, dV summed in float32)
+// (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
+// operand on the micro-kernel of attention_panels.cpp, K and V packed once a call)
 //
 // The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
@@ -81,6 +83,17 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     amx = amx_products(p, /*backward=*/true);
     if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/true);
   }
+  constexpr bool kFloat = std::is_same_v<acc_t, float> && std::is_same_v<in_t, float>;
+  bool panels = false;  // Q K^T, dO V^T and ds K on the AVX2 micro-kernel, K^T, V^T, K packed first
+  Panels keys_t, values_t, keys;
+  if constexpr (kFloat) {
+    panels = panel_products(p);
+    if (panels) {
+      keys_t = pack_panels(p, /*values=*/false, /*keys_as_columns=*/true);
+      values_t = pack_panels(p, /*values=*/true, /*keys_as_columns=*/true);
+      keys = pack_panels(p, /*values=*/false, /*keys_as_columns=*/false);
+    }
+  }
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * ld), dptile = scratch<acc_t>(block_m * ld);
@@ -130,7 +143,13 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             if constexpr (kRound) {
               if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, ptile.get() + r0 * ld, ld);
             }
-            if (!amx) {
+            if constexpr (kFloat) {
+              if (panels) {
+                panel_product(keys_t, b * p.Hkv + hk, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale,
+                              ptile.get() + r0 * ld, ld);
+              }
+            }
+            if (!amx && !panels) {
               gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
                    p.k_sl, acc_t(0), ptile.get() + r0 * ld, ld);
             }
@@ -169,7 +188,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             if constexpr (kRound) {
               if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, ld);
             }
-            if (!amx) {
+            if constexpr (kFloat) {
+              if (panels) panel_product(values_t, b * p.Hkv + hk, do_i + r0 * g.do_sl, g.do_sl, m, j0, n, 1.0f, dp, ld);
+            }
+            if (!amx && !panels) {
               gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
                    acc_t(0), dp, ld);
             }
@@ -224,6 +246,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               // (torch's brgemm keeps it per thread while its own kernel is the last one used)
               amx_release();
               if constexpr (kRound) amx_dq(p, packed, b, h, m, j0, n, ds_op, ld_ds, dq_i + r0 * p.E);  // unscaled
+            } else if (panels) {
+              if constexpr (kFloat) {
+                panel_product(keys, b * p.Hkv + hk, ds_op, ld_ds_op, m, j0, n, p.scale, dq_i + r0 * p.E, p.E);
+              }
             } else {
               gemm(false, false, m, p.E, n, p.scale, ds_op, ld_ds_op, p.k_row(b, hk, j0), p.k_sl, acc_t(1),
                    dq_i + r0 * p.E, p.E);

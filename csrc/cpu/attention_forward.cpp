@@ -8,6 +8,8 @@
 //     acc = acc exp(m - m_new) + (p * z) V                    (BLAS, beta = 1; p * z rounded to
 //                                                              bfloat16 first on the bfloat16 products)
 //   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf); out laid out (N, L, H, Ev) in memory
+// (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
+// operand on the micro-kernel of attention_panels.cpp, K and V packed once a call)
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -37,15 +39,24 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
   const int64_t blocks_m = (p.L + block_m - 1) / block_m;
   const int64_t tasks = p.N * p.H * blocks_m;
   const int64_t ld_p = block_n + (block_n & 1);  // the rounded p z rows: room for a zero after an odd n
+  const int64_t ld_s = padded_stride(block_n);    // the float scores' rows
   bool amx = false;  // bfloat16 products on AMX tiles, K and V packed first (attention_amx.cpp)
   PackedKV packed;
   if constexpr (kRoundP) {
     amx = amx_products(p, /*backward=*/false);
     if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/false);
   }
+  constexpr bool kFloat = std::is_same_v<acc_t, float> && std::is_same_v<in_t, float>;
+  bool panels = false;  // float32 products on the AVX2 micro-kernel, K^T and V packed first (attention_panels.cpp)
+  Panels keys_t, values;
+  if constexpr (kFloat) {
+    panels = panel_products(p);
+    if (panels) keys_t = pack_panels(p, /*values=*/false, /*keys_as_columns=*/true);
+    if (panels) values = pack_panels(p, /*values=*/true, /*keys_as_columns=*/false);
+  }
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
-    const auto scores = scratch<acc_t>(block_m * block_n);
+    const auto scores = scratch<acc_t>(block_m * ld_s);
     const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * ld_p : 0);
     const auto acc = scratch<acc_t>(block_m * p.Ev);  // the (p z) V sums: C of a block product
     std::vector<acc_t> m(block_m), l(block_m), z(block_n);
@@ -59,16 +70,22 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
       for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
         const int64_t n = std::min(j0 + block_n, key_end) - j0;
         const int64_t r0 = p.row_start(i0, j0) - i0;
-        acc_t* s = scores.get() + r0 * block_n;
+        acc_t* s = scores.get() + r0 * ld_s;
         if constexpr (kRoundP) {
-          if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, s, block_n);
+          if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, s, ld_s);
         }
-        if (!amx) {
+        if constexpr (kFloat) {
+          if (panels) {
+            panel_product(keys_t, b * p.Hkv + hk, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, s,
+                          ld_s);
+          }
+        }
+        if (!amx && !panels) {
           gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0), p.k_sl,
-               acc_t(0), s, block_n);
+               acc_t(0), s, ld_s);
         }
         for (int64_t r = r0; r < rows; ++r) {
-          acc_t* row = scores.get() + r * block_n;
+          acc_t* row = scores.get() + r * ld_s;
           const int64_t i = i0 + r;
           acc_t row_top = -std::numeric_limits<acc_t>::infinity();  // the row's max after scale and bias
           if (amx && p.mask.kind == MaskView::kNone && !p.causal) {  // the tiles multiply unscaled
@@ -118,8 +135,12 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
             gemm(false, false, rows - r0, p.Ev, n, acc_t(1), pz, ld_p, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
                  acc.get() + r0 * p.Ev, p.Ev);
           }
+        } else if (panels) {
+          if constexpr (kFloat) {
+            panel_product(values, b * p.Hkv + hk, s, ld_s, rows - r0, j0, n, 1.0f, acc.get() + r0 * p.Ev, p.Ev);
+          }
         } else {
-          gemm(false, false, rows - r0, p.Ev, n, acc_t(1), s, block_n, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
+          gemm(false, false, rows - r0, p.Ev, n, acc_t(1), s, ld_s, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
                acc.get() + r0 * p.Ev, p.Ev);
         }
       }
