@@ -37,13 +37,18 @@ def slug(text: str) -> str:
 
 
 def device_slug(data: dict) -> str:
-    """e.g. cuda-nvidia-h100-80gb-hbm3, or cpu-amd-epyc-2-cores-1-thread (CPU: torch's thread count too)."""
+    """e.g. cuda-nvidia-h100-80gb-hbm3, or cpu-amd-epyc-2-cores-1-thread (CPU: torch's thread count too,
+    and "glibc-malloc" for a run on glibc's default malloc thresholds, FASTTF_BENCH_MALLOC=default: its
+    fresh tensors cost page faults that the default warm heap does not, so its ratios are a report of
+    their own, never merged with a warm-heap run's)."""
     info = data.get("machine_info", {}).get("fasttf", {})
     device, name = info.get("device", "cpu"), info.get("device_name", "unknown")
     stem = name if name.lower().startswith(device) else f"{device} {name}"
     if device == "cpu" and info.get("cpu_threads"):
         threads = info["cpu_threads"]
         stem += f" {threads} thread" + ("s" if threads > 1 else "")
+    if device == "cpu" and info.get("malloc", "").startswith("glibc defaults"):
+        stem += " glibc malloc"
     return slug(stem)
 
 

@@ -103,6 +103,20 @@ def test_report_refuses_a_group_timed_in_two_runs_or_two_devices(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_cpu_runs_on_glibcs_default_malloc_are_a_report_of_their_own():
+    run = made_up_results()
+    run["machine_info"]["fasttf"].update(device="cpu", device_name="AMD EPYC 2 cores", cpu_threads=1)
+    run["machine_info"]["fasttf"]["malloc"] = "glibc mallopt: mmap and trim thresholds 1 GiB (warm heap)"
+    assert report.device_slug(run) == "cpu-amd-epyc-2-cores-1-thread"
+    run["machine_info"]["fasttf"]["malloc"] = "glibc defaults"
+    assert report.device_slug(run) == "cpu-amd-epyc-2-cores-1-thread-glibc-malloc"
+    warm = made_up_results()
+    warm["machine_info"]["fasttf"].update(device="cpu", device_name="AMD EPYC 2 cores", cpu_threads=1)
+    run["benchmarks"], warm["benchmarks"] = run["benchmarks"][:2], warm["benchmarks"][2:]
+    with pytest.raises(ValueError, match="different devices"):
+        report.merge([warm, run])
+
+
 def test_interleaved_speedup_alternates_the_pair(monkeypatch):
     import harness
 

@@ -13,6 +13,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "../ops.h"
 #include "attention.h"
 #include "simd.h"
@@ -37,7 +39,11 @@ void pack_head(const float* x, int64_t ld, int64_t rows, int64_t dim, bool keys_
       float* panel = dst + t * dim * kPanel;
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t row = t * kPanel + c;
-        for (int64_t e = 0; e < dim; ++e) panel[e * kPanel + c] = row < rows ? x[row * ld + e] : 0.0f;
+        if (row < rows) {
+          for (int64_t e = 0; e < dim; ++e) panel[e * kPanel + c] = x[row * ld + e];
+        } else {
+          for (int64_t e = 0; e < dim; ++e) panel[e * kPanel + c] = 0.0f;
+        }
       }
     }
     return;
@@ -47,7 +53,8 @@ void pack_head(const float* x, int64_t ld, int64_t rows, int64_t dim, bool keys_
     const int64_t columns = std::min(kPanel, dim - t * kPanel);
     for (int64_t r = 0; r < rows; ++r) {
       const float* src = x + r * ld + t * kPanel;
-      for (int64_t c = 0; c < kPanel; ++c) panel[r * kPanel + c] = c < columns ? src[c] : 0.0f;
+      std::copy(src, src + columns, panel + r * kPanel);
+      std::fill(panel + r * kPanel + columns, panel + (r + 1) * kPanel, 0.0f);
     }
   }
 }
