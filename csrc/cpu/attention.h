@@ -213,24 +213,28 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 // ---- float32 block products where AVX2 is the widest ISA (attention_panels.cpp) ----
-// K or V of every (batch, kv head), packed once a call in panels of 16 columns for a hand-written
-// AVX2 micro-kernel (faster than MKL's sgemm on these tiles there):
+// K or V of one (batch, kv head), packed in panels of 16 columns for a hand-written AVX2
+// micro-kernel (faster than MKL's sgemm on these tiles there), in a thread's scratch:
 //   keys_as_columns (K^T, V^T: scores Q K^T, dp = dO V^T): ceil(S / 16) panels of [dim][16]
 //   else            (V, K: (p z) V, ds K):                  ceil(dim / 16) panels of [S][16]
 struct Panels {
-  at::Tensor data;
-  int64_t dim = 0, keys = 0, panel_stride = 0, head_stride = 0;  // dim: E (of K) or Ev (of V)
-  bool keys_as_columns = false;
+  Scratch<float> data;
+  int64_t dim = 0, panel_stride = 0;  // dim: E (of K) or Ev (of V)
+  bool values = false, keys_as_columns = false;
+  int64_t packed = -1;  // the (batch, kv head) b Hkv + hk in data, or -1
 };
 // Whether the float32 products take the panels: AVX2 + FMA without AVX-512, and enough query rows
 // per kv head to pay for the packing.
 bool panel_products(const Problem<float>& p);
-Panels pack_panels(const Problem<float>& p, bool values, bool keys_as_columns);
-// With x of (batch, kv head) bh = b Hkv + hk, keys [j0, j0 + n) (j0 a multiple of 16):
+// Room for one head's K (values false) or V.
+Panels head_panels(const Problem<float>& p, bool values, bool keys_as_columns);
+// x holds head (b, hk) after this (packed unless it already did).
+void pack_panels(const Problem<float>& p, int64_t b, int64_t hk, Panels& x);
+// With the keys [j0, j0 + n) of x's head (j0 a multiple of 16):
 //   keys_as_columns:  c[rows x n]   = alpha a[rows x dim] X^T       (a's row stride lda)
 //   else:             c[rows x dim] = alpha a[rows x n] X + c
-void panel_product(const Panels& x, int64_t bh, const float* a, int64_t lda, int64_t rows, int64_t j0, int64_t n,
-                   float alpha, float* c, int64_t ldc);
+void panel_product(const Panels& x, const float* a, int64_t lda, int64_t rows, int64_t j0, int64_t n, float alpha,
+                   float* c, int64_t ldc);
 
 // ---- the bfloat16 kernels' AMX block products (attention_amx.cpp) ----
 // K and V of every (batch, kv head) packed per key block of block_n keys for the tiles.

@@ -15,7 +15,7 @@
 //   (on the bfloat16 products, attention.h: p z and ds rounded to bfloat16 for their products;
 //   dQ, dK, dV summed in float32)
 // (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
-// operand on the micro-kernel of attention_panels.cpp, K and V packed once a call)
+// operand on the micro-kernel of attention_panels.cpp, a head's K and V packed once by its task)
 //
 // The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
@@ -84,16 +84,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/true);
   }
   constexpr bool kFloat = std::is_same_v<acc_t, float> && std::is_same_v<in_t, float>;
-  bool panels = false;  // Q K^T, dO V^T and ds K on the AVX2 micro-kernel, K^T, V^T, K packed first
-  Panels keys_t, values_t, keys;
-  if constexpr (kFloat) {
-    panels = panel_products(p);
-    if (panels) {
-      keys_t = pack_panels(p, /*values=*/false, /*keys_as_columns=*/true);
-      values_t = pack_panels(p, /*values=*/true, /*keys_as_columns=*/true);
-      keys = pack_panels(p, /*values=*/false, /*keys_as_columns=*/false);
-    }
-  }
+  bool panels = false;  // Q K^T, dO V^T and ds K on the AVX2 micro-kernel (attention_panels.cpp)
+  if constexpr (kFloat) panels = panel_products(p);
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * ld), dptile = scratch<acc_t>(block_m * ld);
@@ -103,6 +95,14 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     std::vector<acc_t> z(block_n), delta(block_m);
     const auto dk_acc = scratch<acc_t>(kRound ? p.S * p.E : 0), dv_acc = scratch<acc_t>(kRound ? p.S * p.Ev : 0);
     const auto dq_acc = scratch<acc_t>(kRound ? block_m * p.E : 0);
+    Panels keys_t, values_t, keys;  // the task's head of K^T, V^T and K, for the micro-kernel
+    if constexpr (kFloat) {
+      if (panels) {
+        keys_t = head_panels(p, /*values=*/false, /*keys_as_columns=*/true);
+        values_t = head_panels(p, /*values=*/true, /*keys_as_columns=*/true);
+        keys = head_panels(p, /*values=*/false, /*keys_as_columns=*/false);
+      }
+    }
     for (int64_t task = begin; task < end; ++task) {
      const int64_t b_first = (task / (p.Hkv / task_heads)) * task_batches;
      const int64_t hk_first = (task % (p.Hkv / task_heads)) * task_heads;
@@ -116,6 +116,9 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
         dk = g.dk + (b * p.Hkv + hk) * p.S * p.E, dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
       }
       std::fill(dk, dk + p.S * p.E, acc_t(0));  // here, not by at::zeros: one pass less, and in cache
+      if constexpr (kFloat) {
+        if (panels) pack_panels(p, b, hk, keys_t), pack_panels(p, b, hk, values_t), pack_panels(p, b, hk, keys);
+      }
       std::fill(dv, dv + p.S * p.Ev, acc_t(0));
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         for (int64_t i0 = 0; i0 < p.L; i0 += block_m) {
@@ -145,8 +148,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             }
             if constexpr (kFloat) {
               if (panels) {
-                panel_product(keys_t, b * p.Hkv + hk, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale,
-                              ptile.get() + r0 * ld, ld);
+                panel_product(keys_t, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, ptile.get() + r0 * ld,
+                              ld);
               }
             }
             if (!amx && !panels) {
@@ -189,7 +192,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, ld);
             }
             if constexpr (kFloat) {
-              if (panels) panel_product(values_t, b * p.Hkv + hk, do_i + r0 * g.do_sl, g.do_sl, m, j0, n, 1.0f, dp, ld);
+              if (panels) panel_product(values_t, do_i + r0 * g.do_sl, g.do_sl, m, j0, n, 1.0f, dp, ld);
             }
             if (!amx && !panels) {
               gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
@@ -248,7 +251,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               if constexpr (kRound) amx_dq(p, packed, b, h, m, j0, n, ds_op, ld_ds, dq_i + r0 * p.E);  // unscaled
             } else if (panels) {
               if constexpr (kFloat) {
-                panel_product(keys, b * p.Hkv + hk, ds_op, ld_ds_op, m, j0, n, p.scale, dq_i + r0 * p.E, p.E);
+                panel_product(keys, ds_op, ld_ds_op, m, j0, n, p.scale, dq_i + r0 * p.E, p.E);
               }
             } else {
               gemm(false, false, m, p.E, n, p.scale, ds_op, ld_ds_op, p.k_row(b, hk, j0), p.k_sl, acc_t(1),

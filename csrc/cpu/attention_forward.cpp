@@ -9,7 +9,7 @@
 //                                                              bfloat16 first on the bfloat16 products)
 //   out = acc / l,  lse = m + log l   (l = 0: out 0, lse +inf); out laid out (N, L, H, Ev) in memory
 // (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
-// operand on the micro-kernel of attention_panels.cpp, K and V packed once a call)
+// operand on the micro-kernel of attention_panels.cpp, a head's K and V packed once a thread)
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -47,22 +47,25 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
     if (amx) packed = pack_kv(p, block_n, /*v_transposed=*/false);
   }
   constexpr bool kFloat = std::is_same_v<acc_t, float> && std::is_same_v<in_t, float>;
-  bool panels = false;  // float32 products on the AVX2 micro-kernel, K^T and V packed first (attention_panels.cpp)
-  Panels keys_t, values;
-  if constexpr (kFloat) {
-    panels = panel_products(p);
-    if (panels) keys_t = pack_panels(p, /*values=*/false, /*keys_as_columns=*/true);
-    if (panels) values = pack_panels(p, /*values=*/true, /*keys_as_columns=*/false);
-  }
+  bool panels = false;  // float32 products on the AVX2 micro-kernel (attention_panels.cpp)
+  if constexpr (kFloat) panels = panel_products(p);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto scores = scratch<acc_t>(block_m * ld_s);
     const auto scores_rounded = scratch<in_t>(kRoundP ? block_m * ld_p : 0);
     const auto acc = scratch<acc_t>(block_m * p.Ev);  // the (p z) V sums: C of a block product
     std::vector<acc_t> m(block_m), l(block_m), z(block_n);
+    Panels keys_t, values;  // this thread's head of K^T and V, for the micro-kernel
+    if constexpr (kFloat) {
+      if (panels) keys_t = head_panels(p, /*values=*/false, /*keys_as_columns=*/true);
+      if (panels) values = head_panels(p, /*values=*/true, /*keys_as_columns=*/false);
+    }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks_m, b = bh / p.H, h = bh % p.H, hk = h / p.group;
       const int64_t i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L), rows = i1 - i0;
+      if constexpr (kFloat) {
+        if (panels) pack_panels(p, b, hk, keys_t), pack_panels(p, b, hk, values);
+      }
       std::fill(acc.get(), acc.get() + rows * p.Ev, acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -76,8 +79,7 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
         }
         if constexpr (kFloat) {
           if (panels) {
-            panel_product(keys_t, b * p.Hkv + hk, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, s,
-                          ld_s);
+            panel_product(keys_t, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, s, ld_s);
           }
         }
         if (!amx && !panels) {
@@ -137,7 +139,7 @@ void forward_kernel(const Problem<acc_t, in_t>& p, const at::Tensor& out_tensor,
           }
         } else if (panels) {
           if constexpr (kFloat) {
-            panel_product(values, b * p.Hkv + hk, s, ld_s, rows - r0, j0, n, 1.0f, acc.get() + r0 * p.Ev, p.Ev);
+            panel_product(values, s, ld_s, rows - r0, j0, n, 1.0f, acc.get() + r0 * p.Ev, p.Ev);
           }
         } else {
           gemm(false, false, rows - r0, p.Ev, n, acc_t(1), s, ld_s, p.v_row(b, hk, j0), p.v_sl, acc_t(1),
