@@ -1,5 +1,5 @@
 // The float32 block products on CPUs whose widest vectors are AVX2: a hand-written 6 x 16
-// micro-kernel over K and V packed once a call (attention.h, "Panels").
+// micro-kernel over a head's K and V, packed once per thread (attention.h, "Panels").
 //
 //   c[i][j] = alpha sum_t a[i][t] B[t][j] (+ c[i][j])       B: one panel of 16 columns, k rows
 //   each step t: two 8-float rows of B loaded once, a[i][t] broadcast for 6 rows i,
@@ -9,7 +9,7 @@
 // micro-kernel at 95-98: MKL packs both operands of every call again (a key block's K once per
 // query block), here a thread packs the K and V of a (batch, kv head) once, when its first task
 // of that head starts, into the layout the micro-kernel streams (a head's worth of scratch per
-// thread: the whole call's K and V packed up front had put 8 MiB more on the peak memory of a
+// thread: the whole call's K and V packed up front had put 12 MiB more on the peak memory of a
 // (2, 8, 1024, 64) forward+backward, 16 -> 28 MiB, against torch's 272 with dropout). On
 // AVX-512 CPUs the products stay on MKL (its AVX-512 kernels; this one was not measured there).
 #include <immintrin.h>
