@@ -63,7 +63,8 @@ void pack_head(const float* x, int64_t ld, int64_t rows, int64_t dim, bool keys_
 #if FASTTF_ISA_VERSIONS
 #define FASTTF_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
-// c[MR x 16] = alpha a[MR x k] panel (+ c): the columns where `columns` is set, the others untouched.
+// c[MR x 16] = alpha a[MR x k] panel (+ c); with kAllColumns false only the lanes set in mask0 / mask1
+// (columns 0-7 / 8-15) are read and written, the others untouched.
 template <int MR, bool kAllColumns>
 FASTTF_AVX2_INLINE void micro_tile(int64_t k, const float* a, int64_t lda, const float* panel, float* c,
                                    int64_t ldc, float alpha, bool accumulate, __m256i mask0, __m256i mask1) {
