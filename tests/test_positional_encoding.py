@@ -87,6 +87,20 @@ def test_cached_table_and_computed_positions_give_the_same_bits(device, dtype, r
     assert (computed.double() - expected).abs().max().item() < (1e-6 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's multi-sequence threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gpu_thread_that_takes_several_sequences(dtype):
+    """On the GPU a thread takes n_per_thread = rows * D / VEC / 2^18 sequences of one time step
+    (csrc/cuda/positional_encoding.cu) and loads them kSeqBatch = 4 at a time: the small shapes above
+    give it one. Here 9 sequences (batches of 4, 4, 1), 7 (3 a thread: one batch short, a chunk of
+    one), sequence-first with per-sequence offsets."""
+    torch.manual_seed(5)
+    check_against_reference(torch.randn(9, 8192, 128, device="cuda", dtype=dtype), 3, scale=2.0)
+    check_against_reference(torch.randn(7, 4096, 128, device="cuda", dtype=dtype), 0)
+    offsets = torch.tensor([0, 9, 4000, 2, 70000, 1, 5], device="cuda")
+    check_against_reference(torch.randn(4096, 7, 128, device="cuda", dtype=dtype), offsets, batch_first=False)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_non_contiguous_input(device):
     torch.manual_seed(3)
