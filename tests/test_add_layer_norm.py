@@ -83,6 +83,25 @@ def test_many_rows_the_partial_sums_of_dweight_dbias(device):
     check_against_reference(x, residual, weight, bias)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA backward's row chunks")
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (70001, 64)), (torch.bfloat16, (2, 1100, 4096)),
+                                          (torch.float32, (1500, 4096))])
+def test_gpu_row_chunks_of_the_partial_sums(dtype, shape):
+    """csrc/cuda/add_layer_norm.cu: rows of D <= 512 * VEC are held by one block's threads, which take a
+    chunk of >= 16 rows (here 18, the last one short; and 4096-wide bfloat16 rows) and add dweight/dbias
+    partials on the way; float32 at D = 4096 takes the two-kernel path with the same chunks. Twice the
+    same call gives the same bits (no atomics)."""
+    torch.manual_seed(6)
+    x, residual = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    check_against_reference(x, residual, weight, bias, dropout_p=0.1)
+    grads = []
+    for _ in range(2):
+        out, _ = fasttf.add_layer_norm(x, residual, weight, bias)
+        grads.append(torch.autograd.grad(out, (weight, bias), torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_only_out_used_and_non_contiguous_inputs(device):
     torch.manual_seed(4)

@@ -8,8 +8,13 @@
 //              ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_s
 //              dresidual = ds, dx = ds * m (m regenerated from the seed, ../philox.h)
 //   dweight = sum_rows dout * xhat, dbias = sum_rows dout, deterministic and without atomics:
-//     stage 1: block (column tile, row chunk) writes its partial sums for a chunk of >= 64 rows
-//     stage 2: one thread per column adds the chunks' partials in chunk order.
+//     stage 1: per chunk of rows, each column's partial sums. Where a block's threads hold a whole
+//              row (D <= 512 * VEC: 2048 float32, 4096 bfloat16 values), one block takes a chunk of
+//              16+ rows, adds its columns' partials in registers as it computes ds, and writes them
+//              once: dout and s are read once. Else a second kernel (column tile, row chunk) re-reads them.
+//     stage 2: 32 lanes of chunks a column (chunks l, l + 32, ... in order), then the lanes in order.
+// The first H100 lease measured the two-kernel version: forward+backward at 57-66% of the copy
+// bandwidth (dout and s read twice, the 2 x 1024 x D partials added by D threads).
 #include "common.cuh"
 
 namespace fasttf {
@@ -18,13 +23,24 @@ namespace {
 
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kMaxChunks = 65535;  // gridDim.y
+// Rows a block's threads hold whole: chunks of 16 rows or more, about 4096 chunks for big tensors. An
+// H100 runs 5-8 of these blocks on each of its 132 SMs, so 4096 make ~6 waves (the last one's idle tail
+// ~10%); 16 rows keep the float partials (written, then read) at 2/16 of a pass over dout.
+constexpr int64_t kHeldRowMaxDim = 4096;
+constexpr int64_t kHeldRowChunks = 4096;
+constexpr int64_t kHeldRowMinChunkRows = 16;
 
-// Rows per chunk of the dweight/dbias partial sums: 64, more when there are > 65535 chunks.
-int64_t chunk_rows(int64_t rows) {
-  const int64_t needed = (rows + kMaxChunks - 1) / kMaxChunks;
+// Rows per chunk of the dweight/dbias partial sums.
+int64_t chunk_rows(int64_t rows, int64_t dim) {
+  if (dim <= kHeldRowMaxDim) {
+    const int64_t spread = (rows + kHeldRowChunks - 1) / kHeldRowChunks;
+    return spread > kHeldRowMinChunkRows ? spread : kHeldRowMinChunkRows;
+  }
+  const int64_t needed = (rows + kMaxChunks - 1) / kMaxChunks;  // >= 64 rows, <= 65535 chunks
   return needed > kMinChunkRows ? needed : kMinChunkRows;
 }
 constexpr int kColumnThreads = 256;
+constexpr int kReduceLanes = 32;  // warps of the stage-2 block, each over its own chunks
 
 int row_threads(int64_t dim, int vec) {
   int64_t threads = ((dim / vec + 31) / 32) * 32;
@@ -155,6 +171,79 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
   }
 }
 
+// The backward of a chunk of rows with the dweight/dbias partials added on the way (stage 1 fused):
+// one block per chunk, each thread one group of VEC columns (D <= blockDim * VEC), which holds a row's
+// dout and s from the sums to ds and its columns' partials across the chunk's rows. The same
+// arithmetic, in the same order, as add_layer_norm_backward_kernel and affine_partials_kernel.
+template <typename T, int VEC, bool DROPOUT>
+__global__ void add_layer_norm_backward_chunk_kernel(
+    const T* __restrict__ grad_out, const T* __restrict__ grad_s, const T* __restrict__ s,
+    const acc_t<T>* __restrict__ mean_in, const acc_t<T>* __restrict__ rstd_in, const T* __restrict__ weight,
+    T* __restrict__ dresidual, T* __restrict__ dx, acc_t<T>* __restrict__ partials, int64_t rows, int64_t dim,
+    int64_t rows_per_chunk, uint64_t seed, uint32_t threshold, acc_t<T> scale) {
+  using A = acc_t<T>;
+  __shared__ A shared32[32];
+  const int64_t chunk = blockIdx.x;
+  const int64_t c = threadIdx.x * VEC;
+  const bool active = c < dim;
+  A w[VEC], dw[VEC], db[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    w[j] = 1;
+    dw[j] = 0;
+    db[j] = 0;
+  }
+  if (active && weight) load_acc<T, VEC>(weight + c, w);
+  const int64_t row_end = min(rows, (chunk + 1) * rows_per_chunk);
+  for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
+    const int64_t base = row * dim;
+    const A mean = mean_in[row], rstd = rstd_in[row];
+    A dy[VEC], v[VEC];
+    A sum_g = 0, sum_gx = 0;
+    if (active) {
+      load_acc<T, VEC>(grad_out + base + c, dy);
+      load_acc<T, VEC>(s + base + c, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A g = mul_rn(dy[j], w[j]);
+        sum_g += g;
+        sum_gx += g * (v[j] - mean) * rstd;
+        const A xhat = (v[j] - mean) * rstd;
+        dw[j] += dy[j] * xhat;
+        db[j] += dy[j];
+      }
+    }
+    const A c1 = block_sum(sum_g, shared32) / static_cast<A>(dim);  // every thread of the block
+    const A c2 = block_sum(sum_gx, shared32) / static_cast<A>(dim);
+    if (!active) continue;
+    A gs[VEC], m[VEC];
+    if (grad_s) {
+      load_acc<T, VEC>(grad_s + base + c, gs);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) gs[j] = 0;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A xhat = (v[j] - mean) * rstd;
+      v[j] = rstd * (mul_rn(dy[j], w[j]) - c1 - xhat * c2) + gs[j];
+    }
+    store_acc<T, VEC>(dresidual + base + c, v);
+    if (DROPOUT) {
+      dropout_multipliers<VEC>(seed, static_cast<uint64_t>(base + c), threshold, scale, m);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= m[j];
+      store_acc<T, VEC>(dx + base + c, v);
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    partials[(2 * chunk) * dim + c + j] = dw[j];
+    partials[(2 * chunk + 1) * dim + c + j] = db[j];
+  }
+}
+
 // Stage 1: partials[2 * chunk][col] = sum dout * xhat, partials[2 * chunk + 1][col] = sum dout
 // over the rows of one chunk. Threads of a block take consecutive columns (coalesced).
 template <typename T>
@@ -178,17 +267,31 @@ __global__ void affine_partials_kernel(const T* __restrict__ grad_out, const T* 
   partials[(2 * chunk + 1) * dim + col] = db;
 }
 
-// Stage 2: the chunks' partials added in chunk order, one thread per column.
+// Stage 2: a block of 32 columns x kReduceLanes warps; warp l adds chunks l, l + kReduceLanes, ... in
+// order (a warp reads 32 consecutive columns), then the first warp adds the lanes' sums in lane order.
 template <typename T>
 __global__ void affine_reduce_kernel(const acc_t<T>* __restrict__ partials, T* __restrict__ dweight,
                                      T* __restrict__ dbias, int64_t chunks, int64_t dim) {
   using A = acc_t<T>;
-  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (col >= dim) return;
+  __shared__ A lane_sums[2][kReduceLanes][32];  // [lane][column]: a warp reads or writes 32 consecutive
+  const int column = threadIdx.x % 32, lane = threadIdx.x / 32;
+  const int64_t col = blockIdx.x * static_cast<int64_t>(32) + column;
   A dw = 0, db = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    dw += partials[(2 * chunk) * dim + col];
-    db += partials[(2 * chunk + 1) * dim + col];
+  if (col < dim) {
+    for (int64_t chunk = lane; chunk < chunks; chunk += kReduceLanes) {
+      dw += partials[(2 * chunk) * dim + col];
+      db += partials[(2 * chunk + 1) * dim + col];
+    }
+  }
+  lane_sums[0][lane][column] = dw;
+  lane_sums[1][lane][column] = db;
+  __syncthreads();
+  if (lane != 0 || col >= dim) return;
+  dw = 0;
+  db = 0;
+  for (int l = 0; l < kReduceLanes; ++l) {
+    dw += lane_sums[0][l][column];
+    db += lane_sums[1][l][column];
   }
   if (dweight) dweight[col] = from_acc<T>(dw);
   if (dbias) dbias[col] = from_acc<T>(db);
@@ -196,8 +299,9 @@ __global__ void affine_reduce_kernel(const acc_t<T>* __restrict__ partials, T* _
 
 }  // namespace
 
-int64_t add_layer_norm_partial_rows(int64_t rows) {
-  const int64_t per_chunk = chunk_rows(rows);
+int64_t add_layer_norm_partial_rows(int64_t rows, int64_t dim) {
+  if (rows == 0) return 0;
+  const int64_t per_chunk = chunk_rows(rows, dim);
   return 2 * ((rows + per_chunk - 1) / per_chunk);
 }
 
@@ -243,32 +347,52 @@ cudaError_t launch_add_layer_norm_backward(DType dtype, const void* grad_out, co
     using A = acc_t<T>;
     const A* mean_a = static_cast<const A*>(mean);
     const A* rstd_a = static_cast<const A*>(rstd);
-    auto args = [&](auto kernel, int vec) {
-      kernel<<<static_cast<unsigned int>(rows), row_threads(dim, vec), 0, stream>>>(
+    const bool need_partials = dweight != nullptr || dbias != nullptr;
+    const int64_t per_chunk = need_partials ? chunk_rows(rows, dim) : 1;
+    const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+    const int vec_rows = pick_vec<T>(dim, grad_out, grad_s, s, dresidual);
+    const int vec_affine = pick_vec<T>(dim, weight, dx);
+    const int vec = vec_rows < vec_affine ? vec_rows : vec_affine;
+    // a block's threads hold a row whole: one block per chunk, the partials added on the way
+    const bool held_rows = need_partials && dim <= 512 * vec;
+    auto args = [&](auto kernel, int v) {
+      kernel<<<static_cast<unsigned int>(rows), row_threads(dim, v), 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(grad_s), static_cast<const T*>(s), mean_a, rstd_a,
           static_cast<const T*>(weight), static_cast<T*>(dresidual), static_cast<T*>(dx), dim, seed, threshold,
           static_cast<A>(scale));
     };
-    const int vec = pick_vec<T>(dim, grad_out, grad_s, s, dresidual);
-    const int vec2 = pick_vec<T>(dim, weight, dx);
-    switch (vec < vec2 ? vec : vec2) {
-      case 8: dropout ? args(add_layer_norm_backward_kernel<T, 8, true>, 8) : args(add_layer_norm_backward_kernel<T, 8, false>, 8); break;
-      case 4: dropout ? args(add_layer_norm_backward_kernel<T, 4, true>, 4) : args(add_layer_norm_backward_kernel<T, 4, false>, 4); break;
-      case 2: dropout ? args(add_layer_norm_backward_kernel<T, 2, true>, 2) : args(add_layer_norm_backward_kernel<T, 2, false>, 2); break;
-      default: dropout ? args(add_layer_norm_backward_kernel<T, 1, true>, 1) : args(add_layer_norm_backward_kernel<T, 1, false>, 1); break;
+    auto held = [&](auto kernel, int v) {
+      kernel<<<static_cast<unsigned int>(chunks), row_threads(dim, v), 0, stream>>>(
+          static_cast<const T*>(grad_out), static_cast<const T*>(grad_s), static_cast<const T*>(s), mean_a, rstd_a,
+          static_cast<const T*>(weight), static_cast<T*>(dresidual), static_cast<T*>(dx), static_cast<A*>(partials),
+          rows, dim, per_chunk, seed, threshold, static_cast<A>(scale));
+    };
+    if (held_rows) {
+      switch (vec) {
+        case 8: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 8, true>, 8) : held(add_layer_norm_backward_chunk_kernel<T, 8, false>, 8); break;
+        case 4: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 4, true>, 4) : held(add_layer_norm_backward_chunk_kernel<T, 4, false>, 4); break;
+        case 2: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 2, true>, 2) : held(add_layer_norm_backward_chunk_kernel<T, 2, false>, 2); break;
+        default: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 1, true>, 1) : held(add_layer_norm_backward_chunk_kernel<T, 1, false>, 1); break;
+      }
+    } else {
+      switch (vec) {
+        case 8: dropout ? args(add_layer_norm_backward_kernel<T, 8, true>, 8) : args(add_layer_norm_backward_kernel<T, 8, false>, 8); break;
+        case 4: dropout ? args(add_layer_norm_backward_kernel<T, 4, true>, 4) : args(add_layer_norm_backward_kernel<T, 4, false>, 4); break;
+        case 2: dropout ? args(add_layer_norm_backward_kernel<T, 2, true>, 2) : args(add_layer_norm_backward_kernel<T, 2, false>, 2); break;
+        default: dropout ? args(add_layer_norm_backward_kernel<T, 1, true>, 1) : args(add_layer_norm_backward_kernel<T, 1, false>, 1); break;
+      }
     }
     cudaError_t error = cudaGetLastError();
-    if (error != cudaSuccess || (dweight == nullptr && dbias == nullptr)) return error;
-    const int64_t per_chunk = chunk_rows(rows);
-    const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-    const dim3 grid(static_cast<unsigned int>((dim + kColumnThreads - 1) / kColumnThreads),
-                    static_cast<unsigned int>(chunks));
-    affine_partials_kernel<T><<<grid, kColumnThreads, 0, stream>>>(static_cast<const T*>(grad_out),
-                                                                   static_cast<const T*>(s), mean_a, rstd_a,
-                                                                   static_cast<A*>(partials), rows, dim, per_chunk);
-    affine_reduce_kernel<T><<<static_cast<unsigned int>((dim + kColumnThreads - 1) / kColumnThreads), kColumnThreads,
-                             0, stream>>>(static_cast<const A*>(partials), static_cast<T*>(dweight),
-                                          static_cast<T*>(dbias), chunks, dim);
+    if (error != cudaSuccess || !need_partials) return error;
+    if (!held_rows) {
+      const dim3 grid(static_cast<unsigned int>((dim + kColumnThreads - 1) / kColumnThreads),
+                      static_cast<unsigned int>(chunks));
+      affine_partials_kernel<T><<<grid, kColumnThreads, 0, stream>>>(static_cast<const T*>(grad_out),
+                                                                     static_cast<const T*>(s), mean_a, rstd_a,
+                                                                     static_cast<A*>(partials), rows, dim, per_chunk);
+    }
+    affine_reduce_kernel<T><<<static_cast<unsigned int>((dim + 31) / 32), 32 * kReduceLanes, 0, stream>>>(
+        static_cast<const A*>(partials), static_cast<T*>(dweight), static_cast<T*>(dbias), chunks, dim);
     return cudaGetLastError();
   });
 }

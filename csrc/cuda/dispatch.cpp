@@ -188,7 +188,7 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
   auto dweight = at::empty({need_dweight ? dim : 0}, s_c.options());
   auto dbias = at::empty({need_dbias ? dim : 0}, s_c.options());
   const bool need_partials = need_dweight || need_dbias;
-  auto partials = at::empty({need_partials ? add_layer_norm_partial_rows(rows) : 0, dim},
+  auto partials = at::empty({need_partials ? add_layer_norm_partial_rows(rows, dim) : 0, dim},
                             s_c.options().dtype(stat_dtype(s_c)));
   check_launch(op, launch_add_layer_norm_backward(
                        dtype, dy_c.data_ptr(), ptr_or_null(gs_c), s_c.data_ptr(), mean_c.data_ptr(),

@@ -49,9 +49,9 @@ cudaError_t launch_add_layer_norm(DType dtype, const void* x, const void* residu
 
 // Rows: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_s, g = dout * weight; dresidual = ds,
 // dx = ds * m (when dx != nullptr). Then dweight/dbias (when not nullptr) in two deterministic stages:
-// per-(row chunk, column) partial sums into `partials` (compute type, 2 * partial_rows(rows) * dim values),
-// then one reduce over the chunks in order.
-int64_t add_layer_norm_partial_rows(int64_t rows);
+// per-(row chunk, column) partial sums into `partials` (compute type, partial_rows(rows, dim) * dim values),
+// then one deterministic reduce over the chunks.
+int64_t add_layer_norm_partial_rows(int64_t rows, int64_t dim);
 cudaError_t launch_add_layer_norm_backward(DType dtype, const void* grad_out, const void* grad_s, const void* s,
                                            const void* mean, const void* rstd, const void* weight,
                                            void* dresidual, void* dx, void* dweight, void* dbias, void* partials,
