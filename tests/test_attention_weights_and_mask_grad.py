@@ -105,6 +105,21 @@ def test_weights_and_their_gradients(shape, is_causal, average_heads, attention_
     compare_with_weights(query, key, value, is_causal=is_causal, average_heads=average_heads)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_weight_gradient_over_several_key_blocks_native(is_causal, monkeypatch):
+    """The C++ backward keeps the p tiles of its D_i pass (rowsum of W * dW over all keys) for the main
+    pass: shapes of several query and key blocks (128 x 512 tiles; causal trims row starts), the last
+    ones short, with dropout, a learned mask and a fully masked row."""
+    if kernel_device() != "cpu":
+        pytest.skip("the C++ kernel runs on CPU tensors")
+    monkeypatch.setenv("FASTTF_CPU_ATTENTION", "native")
+    length_q, length_k = (600, 600) if is_causal else (150, 1100)
+    query, key, value = (make((1, 2, n, 8), seed) for seed, n in enumerate((length_q, length_k, length_k)))
+    mask = make((length_q, length_k), 7)
+    mask[3] = float("-inf")
+    compare_with_weights(query, key, value, mask, is_causal=is_causal, dropout_p=0.2, learned_mask=True)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float", "learned"])
 def test_weights_with_masks_gqa_and_fully_masked_rows(kind, attention_backend):
     query = make((2, 4, 20, 8), 0)

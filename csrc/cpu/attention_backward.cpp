@@ -1,4 +1,5 @@
-// The CPU attention backward (math in attention.h): p recomputed tile by tile from the saved lse.
+// The CPU attention backward (math in attention.h): p recomputed tile by tile from the saved lse (kept
+// from the D_i pass instead where the weights have a gradient).
 //
 // Deterministic without atomics: one task per (batch, key/value head) owns dK and dV of that head
 // and dQ of all its query heads (the GQA group), so every sum runs in one fixed order whatever
@@ -86,9 +87,17 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   constexpr bool kFloat = std::is_same_v<acc_t, float> && std::is_same_v<in_t, float>;
   bool panels = false;  // Q K^T, dO V^T and ds K on the AVX2 micro-kernel (attention_panels.cpp)
   if constexpr (kFloat) panels = panel_products(p);
+  // With a gradient for the weights, D_i needs p over all keys before the first ds: the p tiles of that
+  // pass are kept (a query block by every key, per thread, up to 64 MiB) and the main pass reads them
+  // instead of computing Q K^T and the exp again (8 block products, not 9, for need_weights=True).
+  const int64_t key_blocks = (p.S + block_n - 1) / block_n;
+  const bool keep_p = g.dw != nullptr && key_blocks * block_m * ld * static_cast<int64_t>(sizeof(acc_t)) <= (64 << 20);
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * ld), dptile = scratch<acc_t>(block_m * ld);
+    const auto kept_p = scratch<acc_t>(keep_p ? key_blocks * block_m * ld : 0);
+    // where the p tile of the key block at j0 is computed, or kept
+    auto p_tile = [&](int64_t j0) { return keep_p ? kept_p.get() + (j0 / block_n) * block_m * ld : ptile.get(); };
     const auto pztile = scratch<acc_t>(p.dropout.on ? block_m * ld : 0);
     const auto pz_rounded = scratch<in_t>(kRound ? block_m * block_n : 0);
     const auto ds_rounded = scratch<in_t>(kRound ? block_m * ld_ds : 0);
@@ -140,24 +149,23 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
             for (int64_t e = 0; e < p.Ev; ++e) sum += static_cast<acc_t>(d[e]) * static_cast<acc_t>(o[e]);
             delta[r] = sum;
           }
-          // Recomputes p (rows r0.. of the tile) for the key block at j0; returns r0.
-          auto probabilities = [&](int64_t j0, int64_t n) {
+          // Recomputes p (rows r0.. of `tile`) for the key block at j0; returns r0.
+          auto probabilities = [&](int64_t j0, int64_t n, acc_t* tile) {
             const int64_t r0 = p.row_start(i0, j0) - i0;
             if constexpr (kRound) {
-              if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, ptile.get() + r0 * ld, ld);
+              if (amx) amx_scores(p, packed, b, h, i0 + r0, rows - r0, j0, n, tile + r0 * ld, ld);
             }
             if constexpr (kFloat) {
               if (panels) {
-                panel_product(keys_t, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, ptile.get() + r0 * ld,
-                              ld);
+                panel_product(keys_t, p.q_row(b, h, i0 + r0), p.q_sl, rows - r0, j0, n, p.scale, tile + r0 * ld, ld);
               }
             }
             if (!amx && !panels) {
               gemm(false, true, rows - r0, n, p.E, p.scale, p.q_row(b, h, i0 + r0), p.q_sl, p.k_row(b, hk, j0),
-                   p.k_sl, acc_t(0), ptile.get() + r0 * ld, ld);
+                   p.k_sl, acc_t(0), tile + r0 * ld, ld);
             }
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* row = ptile.get() + r * ld;
+              acc_t* row = tile + r * ld;
               if (lse_i[r] == std::numeric_limits<acc_t>::infinity()) {
                 std::fill(row, row + n, acc_t(0));
                 continue;
@@ -173,9 +181,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           if (g.dw != nullptr) {  // D_i += sum_j W_ij dW_ij, W = p z
             for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
               const int64_t n = std::min(j0 + block_n, key_end) - j0;
-              const int64_t r0 = probabilities(j0, n);
+              acc_t* tile = p_tile(j0);
+              const int64_t r0 = probabilities(j0, n, tile);
               for (int64_t r = r0; r < rows; ++r) {
-                const acc_t* row = ptile.get() + r * ld;
+                const acc_t* row = tile + r * ld;
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
                 if (p.dropout.on) dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
                 acc_t sum = 0;
@@ -186,7 +195,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           }
           for (int64_t j0 = 0; j0 < key_end; j0 += block_n) {
             const int64_t n = std::min(j0 + block_n, key_end) - j0;
-            const int64_t r0 = probabilities(j0, n), m = rows - r0;
+            acc_t* tile = p_tile(j0);
+            const int64_t r0 = keep_p ? p.row_start(i0, j0) - i0 : probabilities(j0, n, tile), m = rows - r0;
             acc_t* dp = dptile.get() + r0 * ld;
             if constexpr (kRound) {
               if (amx) amx_dp(p, packed, b, h, m, j0, n, do_i + r0 * g.do_sl, g.do_sl, dp, ld);
@@ -198,10 +208,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               gemm(false, true, m, n, p.Ev, acc_t(1), do_i + r0 * g.do_sl, g.do_sl, p.v_row(b, hk, j0), p.v_sl,
                    acc_t(0), dp, ld);
             }
-            const acc_t* pz = ptile.get() + r0 * ld;
+            const acc_t* pz = tile + r0 * ld;
             if (p.dropout.on) pz = pztile.get() + r0 * ld;
             for (int64_t r = r0; r < rows; ++r) {
-              acc_t* pr = ptile.get() + r * ld;
+              acc_t* pr = tile + r * ld;
               acc_t* dpr = dptile.get() + r * ld;
               if (g.dw != nullptr) {
                 const acc_t* dw = dw_row(p, g, b, h, i0 + r) + j0;
