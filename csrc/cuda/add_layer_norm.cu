@@ -107,6 +107,35 @@ __global__ void add_layer_norm_kernel(const T* __restrict__ x, const T* __restri
   }
 }
 
+// The second pass of a row's backward at columns [at, at + VEC): v holds s on entry;
+// ds = rstd * (g - c1 - xhat * c2) + grad_s into dresidual, and ds * m into dx with dropout.
+template <typename T, int VEC, bool DROPOUT>
+__device__ __forceinline__ void store_grads(const T* __restrict__ grad_s, T* __restrict__ dresidual,
+                                            T* __restrict__ dx, int64_t at, const acc_t<T>* dy, acc_t<T>* v,
+                                            const acc_t<T>* w, acc_t<T> mean, acc_t<T> rstd, acc_t<T> c1,
+                                            acc_t<T> c2, uint64_t seed, uint32_t threshold, acc_t<T> scale) {
+  using A = acc_t<T>;
+  A gs[VEC], m[VEC];
+  if (grad_s) {
+    load_acc<T, VEC>(grad_s + at, gs);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) gs[j] = 0;
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const A xhat = (v[j] - mean) * rstd;
+    v[j] = rstd * (mul_rn(dy[j], w[j]) - c1 - xhat * c2) + gs[j];
+  }
+  store_acc<T, VEC>(dresidual + at, v);
+  if (DROPOUT) {
+    dropout_multipliers<VEC>(seed, static_cast<uint64_t>(at), threshold, scale, m);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] *= m[j];
+    store_acc<T, VEC>(dx + at, v);
+  }
+}
+
 // g = dout * weight is rounded once (mul_rn) and used so in both passes: for a row of one value,
 // g - mean(g) is then exactly 0 and ds exactly grad_s, as in torch.
 template <typename T, int VEC, bool DROPOUT>
@@ -141,7 +170,7 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
   const A c1 = block_sum(sum_g, shared32) / static_cast<A>(dim);
   const A c2 = block_sum(sum_gx, shared32) / static_cast<A>(dim);
   for (int64_t c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-    A dy[VEC], v[VEC], w[VEC], gs[VEC], m[VEC];
+    A dy[VEC], v[VEC], w[VEC];
     load_acc<T, VEC>(grad_out + base + c, dy);
     load_acc<T, VEC>(s + base + c, v);
     if (weight) {
@@ -150,24 +179,7 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
 #pragma unroll
       for (int j = 0; j < VEC; ++j) w[j] = 1;
     }
-    if (grad_s) {
-      load_acc<T, VEC>(grad_s + base + c, gs);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) gs[j] = 0;
-    }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const A xhat = (v[j] - mean) * rstd;
-      v[j] = rstd * (mul_rn(dy[j], w[j]) - c1 - xhat * c2) + gs[j];
-    }
-    store_acc<T, VEC>(dresidual + base + c, v);
-    if (DROPOUT) {
-      dropout_multipliers<VEC>(seed, static_cast<uint64_t>(base + c), threshold, scale, m);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] *= m[j];
-      store_acc<T, VEC>(dx + base + c, v);
-    }
+    store_grads<T, VEC, DROPOUT>(grad_s, dresidual, dx, base + c, dy, v, w, mean, rstd, c1, c2, seed, threshold, scale);
   }
 }
 
@@ -216,25 +228,7 @@ __global__ void add_layer_norm_backward_chunk_kernel(
     const A c1 = block_sum(sum_g, shared32) / static_cast<A>(dim);  // every thread of the block
     const A c2 = block_sum(sum_gx, shared32) / static_cast<A>(dim);
     if (!active) continue;
-    A gs[VEC], m[VEC];
-    if (grad_s) {
-      load_acc<T, VEC>(grad_s + base + c, gs);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) gs[j] = 0;
-    }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const A xhat = (v[j] - mean) * rstd;
-      v[j] = rstd * (mul_rn(dy[j], w[j]) - c1 - xhat * c2) + gs[j];
-    }
-    store_acc<T, VEC>(dresidual + base + c, v);
-    if (DROPOUT) {
-      dropout_multipliers<VEC>(seed, static_cast<uint64_t>(base + c), threshold, scale, m);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] *= m[j];
-      store_acc<T, VEC>(dx + base + c, v);
-    }
+    store_grads<T, VEC, DROPOUT>(grad_s, dresidual, dx, base + c, dy, v, w, mean, rstd, c1, c2, seed, threshold, scale);
   }
   if (!active) return;
 #pragma unroll
