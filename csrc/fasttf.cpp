@@ -27,6 +27,8 @@ TORCH_LIBRARY(fasttf, m) {
         "bool is_causal, float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
   m.def("native_attention_weights(Tensor q, Tensor k, Tensor lse, Tensor? attn_mask, float dropout_p, "
         "bool is_causal, float scale, Tensor? seed, bool average_heads) -> Tensor");
+  m.def("native_attention_forward_weights(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, "
+        "bool is_causal, float scale, Tensor? seed, bool average_heads) -> (Tensor out, Tensor lse, Tensor weights)");
   m.def("native_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed, Tensor? grad_weights, "
         "bool average_heads, bool mask_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(fasttf, CPU, m) {
   FASTTF_IMPL_OPS(cpu)
   m.impl("native_attention_forward", &fasttf::cpu::native_attention_forward);
   m.impl("native_attention_weights", &fasttf::cpu::native_attention_weights);
+  m.impl("native_attention_forward_weights", &fasttf::cpu::native_attention_forward_weights);
   m.impl("native_attention_backward", &fasttf::cpu::native_attention_backward);
   m.impl("native_attention_keep_mask", &fasttf::cpu::native_attention_keep_mask);
 }
@@ -97,6 +100,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         fasttf::dispatcher_op<decltype(fasttf::cpu::native_attention_weights)>("fasttf::native_attention_weights");
     return op.call(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads);
   }, py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
+     py::arg("scale"), py::arg("seed"), py::arg("average_heads"));
+  m.def("native_attention_forward_weights", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const fasttf::OptTensor& attn_mask, double dropout_p, bool is_causal,
+                                               double scale, const fasttf::OptTensor& seed, bool average_heads) {
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::native_attention_forward_weights)>(
+        "fasttf::native_attention_forward_weights");
+    return op.call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, average_heads);
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"),
      py::arg("scale"), py::arg("seed"), py::arg("average_heads"));
   m.def("native_attention_backward", [](const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,

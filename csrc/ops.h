@@ -43,6 +43,11 @@ std::tuple<at::Tensor, at::Tensor> native_attention_forward(const at::Tensor& q,
 at::Tensor native_attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                                     const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
                                     const OptTensor& seed, bool average_heads);
+// (out, lse, weights) of one call, as native_attention_forward then native_attention_weights give them
+// (need_weights=True; one Q K^T product where the two make two).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_attention_forward_weights(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask, double dropout_p,
+    bool is_causal, double scale, const OptTensor& seed, bool average_heads);
 Tensor4 native_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,

@@ -316,6 +316,39 @@ def test_opcheck_native_ops():
                                   (torch.randn_like(out), query, key, value, out, lse, mask, 0.2, True, 0.3, seed,
                                    grad_weights, average, mask_grad))
     torch.library.opcheck(ops.native_attention_keep_mask.default, (query, key, 0.2, seed))
+    for average in (False, True):
+        torch.library.opcheck(ops.native_attention_forward_weights.default,
+                              (query, key, value, mask, 0.2, True, 0.3, seed, average))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("average", [True, False])
+def test_forward_with_weights_in_one_kernel_matches_the_two(dtype, is_causal, average):
+    """native_attention_forward_weights (need_weights=True: one Q K^T, the scores of a query block kept)
+    gives what native_attention_forward then native_attention_weights give: the same keep bits, out and
+    the weights within rounding (p = exp(s - m) / sum there, exp(s - lse) in the weights kernel), lse
+    within rounding, +inf and zeros on a fully masked row. GQA, L != S, Ev != E, 70 query rows (two
+    blocks of 64); bfloat16 in float32 where the CPU has no bfloat16 products (as the forward), else
+    through the two kernels."""
+    query, key, value = (t.to(dtype) for t in make_inputs(2, 4, 70, 90, 8, 6, heads_kv=2))
+    mask = torch.randn(70, 90, dtype=dtype)
+    mask[5] = float("-inf")
+    seed = torch.tensor([99], dtype=torch.int64)
+    ops = torch.ops.fasttf
+    for dropout_p in (0.0, 0.3):
+        args = (query, key, value, mask, dropout_p, is_causal, 0.3, seed)
+        out, lse, weights = ops.native_attention_forward_weights(*args, average)
+        out2, lse2 = ops.native_attention_forward(*args)
+        weights2 = ops.native_attention_weights(query, key, lse2, *args[3:], average)
+        assert out.stride() == out2.stride() and out.dtype == out2.dtype == dtype
+        for mine, theirs in ((out, out2), (lse, lse2), (weights, weights2)):
+            assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+            tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-7}[mine.dtype]
+            torch.testing.assert_close(mine.double(), theirs.double(), rtol=tolerance, atol=min(tolerance, 1e-5))
+        assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5])) and torch.isinf(lse[:, :, 5]).all()
+        if dtype != torch.bfloat16:  # the one kernel ran, not the two: its out rounds otherwise somewhere
+            assert not torch.equal(out, out2)
 
 
 def test_native_ran(monkeypatch):

@@ -3,9 +3,17 @@
 // average_heads: one task per (batch, query block) sums its H heads in a row buffer and writes
 // the mean, so no (N, H, L, S) tensor is made. And the dropout keep-mask the kernels draw, for
 // tests to replay.
+//
+// native_attention_forward_weights: out, lse and W in one kernel (float32 / float64 products), for
+// need_weights=True calls: a query block's scores over all keys are kept in a row buffer, so that
+//   s = scale Q K^T + bias (one product), lse = m + log sum exp(s - m), p = exp(s - m) / sum,
+//   W (+)= p z, out = (p z) V (one product)
+// where the flash forward and then the weights kernel make three (Q K^T twice).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -67,6 +75,77 @@ void weights_kernel(const Problem<acc_t, in_t>& p, const acc_t* lse, bool averag
   });
 }
 
+// Rows of a query block the merged forward keeps scores for: rows x S floats per thread.
+constexpr int64_t kMergedBlockM = 64;
+constexpr int64_t kMergedMaxBytes = int64_t(64) << 20;  // per thread; past it, the two kernels
+
+// out: (N, H, L, Ev) through its strides; lse contiguous (N, H, L); w zero-filled, (N, L, S) or (N, H, L, S).
+template <typename acc_t>
+void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tensor, acc_t* lse, bool average_heads,
+                            acc_t* w) {
+  acc_t* const out = out_tensor.data_ptr<acc_t>();
+  const int64_t o_sb = out_tensor.stride(0), o_sh = out_tensor.stride(1), o_sl = out_tensor.stride(2);
+  const int64_t block_m = std::max<int64_t>(1, std::min(kMergedBlockM, p.L));
+  const int64_t blocks_m = (p.L + block_m - 1) / block_m;
+  const int64_t ld = padded_stride(p.S);
+  const int64_t heads = average_heads ? 1 : p.H;
+  at::parallel_for(0, p.N * heads * blocks_m, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas single_thread_blas;
+    const auto scores = scratch<acc_t>(block_m * ld);
+    std::vector<acc_t> z(p.S);
+    // rows [i0, i1) of head h: out and lse written, p z into the weights rows w_rows (added or copied)
+    auto head_rows = [&](int64_t b, int64_t h, int64_t i0, int64_t i1, acc_t* w_rows, bool accumulate) {
+      const int64_t rows = i1 - i0, hk = h / p.group, key_end = p.key_end(i1);
+      acc_t* s = scores.get();
+      if (key_end == 0) {  // no key to attend to (S = 0): out 0, weights 0, lse +inf
+        for (int64_t r = 0; r < rows; ++r) {
+          std::fill_n(out + b * o_sb + h * o_sh + (i0 + r) * o_sl, p.Ev, acc_t(0));
+          lse[(b * p.H + h) * p.L + i0 + r] = std::numeric_limits<acc_t>::infinity();
+        }
+        return;
+      }
+      gemm(false, true, rows, key_end, p.E, p.scale, p.q_row(b, h, i0), p.q_sl, p.k_row(b, hk, 0), p.k_sl, acc_t(0),
+           s, ld);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* row = s + r * ld;
+        const int64_t i = i0 + r;
+        add_bias(row, key_end, p.mask, b, h, i, 0, p.causal);
+        const acc_t top = row_max(row, key_end);
+        acc_t& lse_i = lse[(b * p.H + h) * p.L + i];
+        if (top == -std::numeric_limits<acc_t>::infinity()) {  // fully masked: out 0, weights 0, lse +inf
+          std::fill(row, row + key_end, acc_t(0));
+          lse_i = std::numeric_limits<acc_t>::infinity();
+          continue;
+        }
+        const acc_t sum = exp_shift_sum(row, key_end, top);
+        lse_i = top + std::log(sum);
+        const acc_t inv = acc_t(1) / sum;
+        for (int64_t j = 0; j < key_end; ++j) row[j] *= inv;
+        if (p.dropout.on) apply_dropout(p.dropout, p.flat(b, h, i, 0), key_end, row, z.data());
+        acc_t* dst = w_rows + r * p.S;
+        if (accumulate) {
+          for (int64_t j = 0; j < key_end; ++j) dst[j] += row[j];
+        } else {
+          std::copy(row, row + key_end, dst);
+        }
+      }
+      gemm(false, false, rows, p.Ev, key_end, acc_t(1), s, ld, p.v_row(b, hk, 0), p.v_sl, acc_t(0),
+           out + b * o_sb + h * o_sh + i0 * o_sl, o_sl);
+    };
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks_m, i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L);
+      acc_t* w_rows = w + (bh * p.L + i0) * p.S;
+      if (!average_heads) {
+        head_rows(bh / p.H, bh % p.H, i0, i1, w_rows, false);
+        continue;
+      }
+      for (int64_t h = 0; h < p.H; ++h) head_rows(bh, h, i0, i1, w_rows, true);
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(p.H);
+      for (int64_t x = 0; x < (i1 - i0) * p.S; ++x) w_rows[x] *= inv;
+    }
+  });
+}
+
 }  // namespace
 }  // namespace attention
 
@@ -93,6 +172,34 @@ at::Tensor native_attention_weights(const at::Tensor& q, const at::Tensor& k, co
                    lsea.data_ptr<float>(), average_heads, w.data_ptr<float>());
   }
   return w.to(q.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_attention_forward_weights(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask, double dropout_p,
+    bool is_causal, double scale, const OptTensor& seed, bool average_heads) {
+  using namespace attention;
+  check_inputs("native_attention_forward_weights", q, k, v, attn_mask, dropout_p, seed);
+  const auto qa = as_kernel_operand(q), ka = as_kernel_operand(k), va = as_kernel_operand(v);
+  const auto operand = qa.scalar_type();
+  const int64_t N = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2);
+  const int64_t acc_bytes = operand == at::kDouble ? 8 : 4;
+  if (operand == at::kBFloat16 || std::min(kMergedBlockM, L) * padded_stride(S) * acc_bytes > kMergedMaxBytes) {
+    auto [out, lse] = native_attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+    return {out, lse, native_attention_weights(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)};
+  }
+  const auto acc = qa.options().dtype(operand);  // float32 or float64 here
+  // out laid out (N, L, H, Ev) in memory like native_attention_forward's
+  auto out = at::empty({N, L, H, v.size(3)}, acc).transpose(1, 2);
+  auto lse = at::empty({N, H, L}, acc);
+  auto w = average_heads ? at::zeros({N, L, S}, acc) : at::zeros({N, H, L, S}, acc);
+  if (operand == at::kDouble) {
+    forward_weights_kernel(make_problem<double>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
+                           lse.data_ptr<double>(), average_heads, w.data_ptr<double>());
+  } else {
+    forward_weights_kernel(make_problem<float>(qa, ka, va, attn_mask, dropout_p, is_causal, scale, seed), out,
+                           lse.data_ptr<float>(), average_heads, w.data_ptr<float>());
+  }
+  return {out.to(q.scalar_type()), lse, w.to(q.scalar_type())};
 }
 
 at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, double dropout_p,

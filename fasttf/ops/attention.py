@@ -224,7 +224,9 @@ class _AttentionWithWeights(torch.autograd.Function):
     def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
         inputs = (query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
         eager = not torch.compiler.is_compiling()
-        if eager:  # the ops' bodies
+        if eager and _cpu.runs_native(query):  # one C++ kernel for out, lse and the weights
+            out, lse, weights = _cpu.attention_forward_weights(*inputs, average_heads)
+        elif eager:  # the ops' bodies
             out, lse = _run_forward_kernel(*inputs)
             weights = _run_weights_kernel(query, key, lse, *inputs[3:], average_heads)
         else:  # the ops, which torch.compile traces

@@ -13,6 +13,9 @@ The extension's ops (what fasttf::attention_forward/_weights/_backward call for 
         -> (out, lse)                      lse = natural-log log-sum-exp, float32 (float64 for float64)
     torch.ops.fasttf.native_attention_weights(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed,
                                               average_heads) -> weights
+    torch.ops.fasttf.native_attention_forward_weights(q, k, v, attn_mask, dropout_p, is_causal, scale, seed,
+                                                      average_heads) -> (out, lse, weights)
+                                       the two above in one kernel (need_weights=True, eager)
     torch.ops.fasttf.native_attention_backward(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal,
                                                scale, seed, grad_weights, average_heads, mask_requires_grad)
         -> (dq, dk, dv, dmask)             dmask empty unless mask_requires_grad
@@ -80,6 +83,14 @@ def attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, s
     return ops.native_attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
 
 
+def attention_forward_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
+    """(out, lse, weights): attention_forward then attention_weights in one kernel, which keeps a query
+    block's scores over all keys instead of computing Q K^T again for the weights."""
+    ops = _extension.direct() or native_ops()
+    return ops.native_attention_forward_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, seed,
+                                                average_heads)
+
+
 def attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
                        grad_weights, average_heads, mask_requires_grad):
     """(dq, dk, dv, dmask) of the C++ kernel; dmask empty unless mask_requires_grad."""
@@ -105,6 +116,11 @@ if _extension.is_available():
         n, h, length, _ = q.shape
         shape = (n, length, k.size(2)) if average_heads else (n, h, length, k.size(2))
         return q.new_empty(shape)
+
+    @torch.library.register_fake("fasttf::native_attention_forward_weights")
+    def _forward_weights_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
+        out, lse = _forward_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+        return out, lse, _weights_fake(q, k, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
 
     @torch.library.register_fake("fasttf::native_attention_backward")
     def _backward_fake(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, grad_weights,
