@@ -4,8 +4,9 @@
 // the mean, so no (N, H, L, S) tensor is made. And the dropout keep-mask the kernels draw, for
 // tests to replay.
 //
-// native_attention_forward_weights: out, lse and W in one kernel (float32 / float64 products), for
-// need_weights=True calls: a query block's scores over all keys are kept in a row buffer, so that
+// native_attention_forward_weights: out, lse and W in one kernel (float32 / float64 products; float32 on
+// the AVX2 micro-kernel where the forward uses it), for need_weights=True calls: a query block's scores
+// over all keys are kept in a row buffer, so that
 //   s = scale Q K^T + bias (one product), lse = m + log sum exp(s - m), p = exp(s - m) / sum,
 //   W (+)= p z, out = (p z) V (one product)
 // where the flash forward and then the weights kernel make three (Q K^T twice).
@@ -89,10 +90,18 @@ void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tenso
   const int64_t blocks_m = (p.L + block_m - 1) / block_m;
   const int64_t ld = padded_stride(p.S);
   const int64_t heads = average_heads ? 1 : p.H;
+  constexpr bool kFloat = std::is_same_v<acc_t, float>;
+  bool panels = false;  // the two products on the AVX2 micro-kernel (attention_panels.cpp)
+  if constexpr (kFloat) panels = panel_products(p);
   at::parallel_for(0, p.N * heads * blocks_m, 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto scores = scratch<acc_t>(block_m * ld);
     std::vector<acc_t> z(p.S);
+    Panels keys_t, values;  // this thread's head of K^T and V
+    if constexpr (kFloat) {
+      if (panels) keys_t = head_panels(p, /*values=*/false, /*keys_as_columns=*/true);
+      if (panels) values = head_panels(p, /*values=*/true, /*keys_as_columns=*/false);
+    }
     // rows [i0, i1) of head h: out and lse written, p z into the weights rows w_rows (added or copied)
     auto head_rows = [&](int64_t b, int64_t h, int64_t i0, int64_t i1, acc_t* w_rows, bool accumulate) {
       const int64_t rows = i1 - i0, hk = h / p.group, key_end = p.key_end(i1);
@@ -104,8 +113,16 @@ void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tenso
         }
         return;
       }
-      gemm(false, true, rows, key_end, p.E, p.scale, p.q_row(b, h, i0), p.q_sl, p.k_row(b, hk, 0), p.k_sl, acc_t(0),
-           s, ld);
+      if constexpr (kFloat) {
+        if (panels) {
+          pack_panels(p, b, hk, keys_t), pack_panels(p, b, hk, values);  // when the head changes
+          panel_product(keys_t, p.q_row(b, h, i0), p.q_sl, rows, 0, key_end, p.scale, s, ld);
+        }
+      }
+      if (!panels) {
+        gemm(false, true, rows, key_end, p.E, p.scale, p.q_row(b, h, i0), p.q_sl, p.k_row(b, hk, 0), p.k_sl,
+             acc_t(0), s, ld);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* row = s + r * ld;
         const int64_t i = i0 + r;
@@ -129,19 +146,47 @@ void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tenso
           std::copy(row, row + key_end, dst);
         }
       }
-      gemm(false, false, rows, p.Ev, key_end, acc_t(1), s, ld, p.v_row(b, hk, 0), p.v_sl, acc_t(0),
-           out + b * o_sb + h * o_sh + i0 * o_sl, o_sl);
-    };
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks_m, i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L);
-      acc_t* w_rows = w + (bh * p.L + i0) * p.S;
-      if (!average_heads) {
-        head_rows(bh / p.H, bh % p.H, i0, i1, w_rows, false);
-        continue;
+      acc_t* o = out + b * o_sb + h * o_sh + i0 * o_sl;
+      if constexpr (kFloat) {
+        if (panels) {  // it adds into o
+          for (int64_t r = 0; r < rows; ++r) std::fill_n(o + r * o_sl, p.Ev, 0.0f);
+          panel_product(values, s, ld, rows, 0, key_end, 1.0f, o, o_sl);
+        }
       }
-      for (int64_t h = 0; h < p.H; ++h) head_rows(bh, h, i0, i1, w_rows, true);
+      if (!panels) {
+        gemm(false, false, rows, p.Ev, key_end, acc_t(1), s, ld, p.v_row(b, hk, 0), p.v_sl, acc_t(0), o, o_sl);
+      }
+    };
+    auto task_rows = [&](int64_t task, int64_t& i0, int64_t& i1) {
+      i0 = (task % blocks_m) * block_m, i1 = std::min(i0 + block_m, p.L);
+      return w + ((task / blocks_m) * p.L + i0) * p.S;  // the task's weights rows
+    };
+    if (!average_heads) {  // consecutive tasks share (b, h): a head is packed once for them
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t i0, i1;
+        acc_t* w_rows = task_rows(task, i0, i1);
+        head_rows(task / blocks_m / p.H, task / blocks_m % p.H, i0, i1, w_rows, false);
+      }
+      return;
+    }
+    // Averaged: the heads outermost over this thread's tasks of one batch, so that a head is packed
+    // once for all of them; each row still adds its heads in the order 0 .. H - 1.
+    for (int64_t first = begin; first < end;) {
+      const int64_t b = first / blocks_m, stop = std::min(end, (b + 1) * blocks_m);
+      for (int64_t h = 0; h < p.H; ++h) {
+        for (int64_t task = first; task < stop; ++task) {
+          int64_t i0, i1;
+          acc_t* w_rows = task_rows(task, i0, i1);
+          head_rows(b, h, i0, i1, w_rows, true);
+        }
+      }
       const acc_t inv = acc_t(1) / static_cast<acc_t>(p.H);
-      for (int64_t x = 0; x < (i1 - i0) * p.S; ++x) w_rows[x] *= inv;
+      for (int64_t task = first; task < stop; ++task) {
+        int64_t i0, i1;
+        acc_t* w_rows = task_rows(task, i0, i1);
+        for (int64_t x = 0; x < (i1 - i0) * p.S; ++x) w_rows[x] *= inv;
+      }
+      first = stop;
     }
   });
 }
