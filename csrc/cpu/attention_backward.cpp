@@ -125,10 +125,10 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
         dk = g.dk + (b * p.Hkv + hk) * p.S * p.E, dv = g.dv + (b * p.Hkv + hk) * p.S * p.Ev;
       }
       std::fill(dk, dk + p.S * p.E, acc_t(0));  // here, not by at::zeros: one pass less, and in cache
+      std::fill(dv, dv + p.S * p.Ev, acc_t(0));
       if constexpr (kFloat) {
         if (panels) pack_panels(p, b, hk, keys_t), pack_panels(p, b, hk, values_t), pack_panels(p, b, hk, keys);
       }
-      std::fill(dv, dv + p.S * p.Ev, acc_t(0));
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         for (int64_t i0 = 0; i0 < p.L; i0 += block_m) {
           const int64_t i1 = std::min(i0 + block_m, p.L), rows = i1 - i0, key_end = p.key_end(i1);
