@@ -309,20 +309,18 @@ cudaError_t launch_add_layer_norm(DType dtype, const void* x, const void* residu
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    auto args = [&](auto kernel, int vec) {
+    const int vec_rows = pick_vec<T>(dim, x, residual, out, s);
+    const int vec_affine = pick_vec<T>(dim, weight, bias);
+    const int vec = vec_rows < vec_affine ? vec_rows : vec_affine;
+    auto args = [&](auto kernel) {
       kernel<<<static_cast<unsigned int>(rows), row_threads(dim, vec), 0, stream>>>(
           static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
           static_cast<const T*>(bias), static_cast<T*>(out), static_cast<T*>(s), static_cast<A*>(mean),
           static_cast<A*>(rstd), dim, static_cast<A>(eps), seed, threshold, static_cast<A>(scale));
     };
-    const int vec = pick_vec<T>(dim, x, residual, out, s);
-    const int vec_affine = pick_vec<T>(dim, weight, bias);
-    switch (vec < vec_affine ? vec : vec_affine) {
-      case 8: dropout ? args(add_layer_norm_kernel<T, 8, true>, 8) : args(add_layer_norm_kernel<T, 8, false>, 8); break;
-      case 4: dropout ? args(add_layer_norm_kernel<T, 4, true>, 4) : args(add_layer_norm_kernel<T, 4, false>, 4); break;
-      case 2: dropout ? args(add_layer_norm_kernel<T, 2, true>, 2) : args(add_layer_norm_kernel<T, 2, false>, 2); break;
-      default: dropout ? args(add_layer_norm_kernel<T, 1, true>, 1) : args(add_layer_norm_kernel<T, 1, false>, 1); break;
-    }
+    dispatch_vec(vec, [&](auto v) {
+      dropout ? args(add_layer_norm_kernel<T, v, true>) : args(add_layer_norm_kernel<T, v, false>);
+    });
     return cudaGetLastError();
   });
 }
@@ -349,33 +347,26 @@ cudaError_t launch_add_layer_norm_backward(DType dtype, const void* grad_out, co
     const int vec = vec_rows < vec_affine ? vec_rows : vec_affine;
     // a block's threads hold a row whole: one block per chunk, the partials added on the way
     const bool held_rows = need_partials && dim <= 512 * vec;
-    auto args = [&](auto kernel, int v) {
-      kernel<<<static_cast<unsigned int>(rows), row_threads(dim, v), 0, stream>>>(
+    auto args = [&](auto kernel) {  // one block per row
+      kernel<<<static_cast<unsigned int>(rows), row_threads(dim, vec), 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(grad_s), static_cast<const T*>(s), mean_a, rstd_a,
           static_cast<const T*>(weight), static_cast<T*>(dresidual), static_cast<T*>(dx), dim, seed, threshold,
           static_cast<A>(scale));
     };
-    auto held = [&](auto kernel, int v) {
-      kernel<<<static_cast<unsigned int>(chunks), row_threads(dim, v), 0, stream>>>(
+    auto held = [&](auto kernel) {  // one block per chunk of rows
+      kernel<<<static_cast<unsigned int>(chunks), row_threads(dim, vec), 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(grad_s), static_cast<const T*>(s), mean_a, rstd_a,
           static_cast<const T*>(weight), static_cast<T*>(dresidual), static_cast<T*>(dx), static_cast<A*>(partials),
           rows, dim, per_chunk, seed, threshold, static_cast<A>(scale));
     };
-    if (held_rows) {
-      switch (vec) {
-        case 8: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 8, true>, 8) : held(add_layer_norm_backward_chunk_kernel<T, 8, false>, 8); break;
-        case 4: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 4, true>, 4) : held(add_layer_norm_backward_chunk_kernel<T, 4, false>, 4); break;
-        case 2: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 2, true>, 2) : held(add_layer_norm_backward_chunk_kernel<T, 2, false>, 2); break;
-        default: dropout ? held(add_layer_norm_backward_chunk_kernel<T, 1, true>, 1) : held(add_layer_norm_backward_chunk_kernel<T, 1, false>, 1); break;
+    dispatch_vec(vec, [&](auto v) {
+      if (held_rows) {
+        dropout ? held(add_layer_norm_backward_chunk_kernel<T, v, true>)
+                : held(add_layer_norm_backward_chunk_kernel<T, v, false>);
+      } else {
+        dropout ? args(add_layer_norm_backward_kernel<T, v, true>) : args(add_layer_norm_backward_kernel<T, v, false>);
       }
-    } else {
-      switch (vec) {
-        case 8: dropout ? args(add_layer_norm_backward_kernel<T, 8, true>, 8) : args(add_layer_norm_backward_kernel<T, 8, false>, 8); break;
-        case 4: dropout ? args(add_layer_norm_backward_kernel<T, 4, true>, 4) : args(add_layer_norm_backward_kernel<T, 4, false>, 4); break;
-        case 2: dropout ? args(add_layer_norm_backward_kernel<T, 2, true>, 2) : args(add_layer_norm_backward_kernel<T, 2, false>, 2); break;
-        default: dropout ? args(add_layer_norm_backward_kernel<T, 1, true>, 1) : args(add_layer_norm_backward_kernel<T, 1, false>, 1); break;
-      }
-    }
+    });
     cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess || !need_partials) return error;
     if (!held_rows) {

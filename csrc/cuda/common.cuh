@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../philox.h"
 #include "launchers.h"
@@ -129,6 +130,18 @@ inline unsigned int blocks_for(int64_t work, int threads) {
   if (blocks < 1) blocks = 1;
   if (blocks > 65535LL * 32) blocks = 65535LL * 32;  // grid-stride loops cover the rest
   return static_cast<unsigned int>(blocks);
+}
+
+// Calls f(std::integral_constant<int, VEC>{}) for vec = 8, 4, 2, else 1: a launcher's VEC (from
+// pick_vec) as the compile-time constant its kernels are instantiated with.
+template <typename F>
+void dispatch_vec(int vec, F f) {
+  switch (vec) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
 }
 
 // Calls f.template operator()<T>() with T the storage type of dtype.

@@ -122,12 +122,9 @@ cudaError_t launch_positional_encoding(DType dtype, const void* x, void* y, cons
     const int64_t n_per_thread = std::max<int64_t>(1, std::min<int64_t>(args.n_mod, items / kTargetThreads));
     const int64_t chunks = (args.n_mod + n_per_thread - 1) / n_per_thread;
     const unsigned int blocks = blocks_for(chunks * args.t_mod * (args.dim / vec), kThreads);
-    switch (vec) {
-      case 8: positional_encoding_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread); break;
-      case 4: positional_encoding_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread); break;
-      case 2: positional_encoding_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread); break;
-      default: positional_encoding_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread); break;
-    }
+    dispatch_vec(vec, [&](auto v) {
+      positional_encoding_kernel<T, v><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread);
+    });
     return cudaGetLastError();
   });
 }
@@ -153,12 +150,7 @@ cudaError_t launch_scale(DType dtype, const void* x, void* out, int64_t n, doubl
     T* op = static_cast<T*>(out);
     const int vec = pick_vec<T>(n, x, out);
     const unsigned int blocks = blocks_for(n / vec, kThreads);
-    switch (vec) {
-      case 8: scale_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(xp, op, n, scale); break;
-      case 4: scale_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(xp, op, n, scale); break;
-      case 2: scale_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(xp, op, n, scale); break;
-      default: scale_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(xp, op, n, scale); break;
-    }
+    dispatch_vec(vec, [&](auto v) { scale_kernel<T, v><<<blocks, kThreads, 0, stream>>>(xp, op, n, scale); });
     return cudaGetLastError();
   });
 }

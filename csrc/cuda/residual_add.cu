@@ -73,12 +73,9 @@ cudaError_t launch_residual_add(DType dtype, const void* x, const void* residual
     const T* xp = static_cast<const T*>(x);
     const T* rp = static_cast<const T*>(residual);
     T* op = static_cast<T*>(out);
-    switch (pick_vec<T>(n, x, residual, out)) {
-      case 8: launch_vec<T, 8>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
-      case 4: launch_vec<T, 4>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
-      case 2: launch_vec<T, 2>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
-      default: launch_vec<T, 1>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream); break;
-    }
+    dispatch_vec(pick_vec<T>(n, x, residual, out), [&](auto vec) {
+      launch_vec<T, vec>(xp, rp, op, n, dropout, seed, threshold, scale_acc, stream);
+    });
     return cudaGetLastError();
   });
 }
