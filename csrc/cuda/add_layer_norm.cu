@@ -89,18 +89,8 @@ __global__ void add_layer_norm_kernel(const T* __restrict__ x, const T* __restri
   for (int64_t c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
     A v[VEC], w[VEC], b[VEC];
     load_acc<T, VEC>(s + base + c, v);
-    if (weight) {
-      load_acc<T, VEC>(weight + c, w);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) w[j] = 1;
-    }
-    if (bias) {
-      load_acc<T, VEC>(bias + c, b);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) b[j] = 0;
-    }
+    load_acc_or<T, VEC>(weight, c, A(1), w);
+    load_acc_or<T, VEC>(bias, c, A(0), b);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = fma_acc((v[j] - mean) * rstd, w[j], b[j]);
     store_acc<T, VEC>(out + base + c, v);
@@ -116,12 +106,7 @@ __device__ __forceinline__ void store_grads(const T* __restrict__ grad_s, T* __r
                                             acc_t<T> c2, uint64_t seed, uint32_t threshold, acc_t<T> scale) {
   using A = acc_t<T>;
   A gs[VEC], m[VEC];
-  if (grad_s) {
-    load_acc<T, VEC>(grad_s + at, gs);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) gs[j] = 0;
-  }
+  load_acc_or<T, VEC>(grad_s, at, A(0), gs);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const A xhat = (v[j] - mean) * rstd;
@@ -154,12 +139,7 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
     A dy[VEC], v[VEC], w[VEC];
     load_acc<T, VEC>(grad_out + base + c, dy);
     load_acc<T, VEC>(s + base + c, v);
-    if (weight) {
-      load_acc<T, VEC>(weight + c, w);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) w[j] = 1;
-    }
+    load_acc_or<T, VEC>(weight, c, A(1), w);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const A g = mul_rn(dy[j], w[j]);
@@ -173,12 +153,7 @@ __global__ void add_layer_norm_backward_kernel(const T* __restrict__ grad_out, c
     A dy[VEC], v[VEC], w[VEC];
     load_acc<T, VEC>(grad_out + base + c, dy);
     load_acc<T, VEC>(s + base + c, v);
-    if (weight) {
-      load_acc<T, VEC>(weight + c, w);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) w[j] = 1;
-    }
+    load_acc_or<T, VEC>(weight, c, A(1), w);
     store_grads<T, VEC, DROPOUT>(grad_s, dresidual, dx, base + c, dy, v, w, mean, rstd, c1, c2, seed, threshold, scale);
   }
 }
@@ -198,14 +173,8 @@ __global__ void add_layer_norm_backward_chunk_kernel(
   const int64_t chunk = blockIdx.x;
   const int64_t c = threadIdx.x * VEC;
   const bool active = c < dim;
-  A w[VEC], dw[VEC], db[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    w[j] = 1;
-    dw[j] = 0;
-    db[j] = 0;
-  }
-  if (active && weight) load_acc<T, VEC>(weight + c, w);
+  A w[VEC], dw[VEC] = {}, db[VEC] = {};
+  load_acc_or<T, VEC>(active ? weight : nullptr, c, A(1), w);
   const int64_t row_end = min(rows, (chunk + 1) * rows_per_chunk);
   for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
     const int64_t base = row * dim;

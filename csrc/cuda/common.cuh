@@ -68,6 +68,17 @@ __device__ __forceinline__ void load_acc(const T* p, acc_t<T>* out) {
   for (int j = 0; j < VEC; ++j) out[j] = to_acc(pack.v[j]);
 }
 
+// VEC values at base + at in the compute type, or `fill` where base is null (an optional tensor left out).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_acc_or(const T* base, int64_t at, acc_t<T> fill, acc_t<T>* out) {
+  if (base) {
+    load_acc<T, VEC>(base + at, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = fill;
+  }
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_acc(T* p, const acc_t<T>* in) {
   Pack<T, VEC> pack;
