@@ -33,6 +33,7 @@ import triton
 
 import fasttf
 from fasttf.kernels import attention_backward, attention_common, attention_forward
+from harness import attention_flops  # bench/ is the script's directory, so on its path
 
 KERNELS = {  # --kernel: (the autotuned kernel, the GPU_TILES kind its list comes from, backward?)
     "fwd": (attention_forward._attention_fwd_kernel, "fwd", False),
@@ -163,8 +164,7 @@ def main(argv=None):
             times[name].append(seconds_per_call(call, device, args.seconds))
     kernel.configs = built_in
 
-    flops = 4.0 * batch * heads * args.length * args.length * args.head_dim * (3.5 if backward else 1.0)
-    flops /= 2 if args.causal else 1
+    flops = attention_flops(batch, heads, args.length, args.length, args.head_dim, args.causal, backward)
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{args.kernel} tiles, {args.dtype} (N, H, L, E) = {shape}{' causal' if args.causal else ''}, "
           f"{'forward+backward' if backward else 'forward'}, median of {args.rounds} rounds on {device.type}")
