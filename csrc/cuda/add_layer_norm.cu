@@ -12,7 +12,8 @@
 //              row (D <= 512 * VEC: 2048 float32, 4096 bfloat16 values), one block takes a chunk of
 //              16+ rows, adds its columns' partials in registers as it computes ds, and writes them
 //              once: dout and s are read once. Else a second kernel (column tile, row chunk) re-reads them.
-//     stage 2: 32 lanes of chunks a column (chunks l, l + 32, ... in order), then the lanes in order.
+//     stage 2: 32 lanes of chunks a column (chunks l, l + 32, ... in order), then the lanes in order,
+//              both with compensated (Kahan) sums.
 // The first H100 lease measured the two-kernel version: forward+backward at 57-66% of the copy
 // bandwidth (dout and s read twice, the 2 x 1024 x D partials added by D threads).
 #include "common.cuh"
@@ -230,8 +231,24 @@ __global__ void affine_partials_kernel(const T* __restrict__ grad_out, const T* 
   partials[(2 * chunk + 1) * dim + col] = db;
 }
 
+// A compensated (Kahan) sum: `lost` keeps the low bits each add rounds away, so the ~chunks / 32
+// partials a warp adds and the 32 lane sums cost ~1 rounding in all rather than one each (a 70001-row
+// dbias was 2.4x torch's error with plain adds). __fadd_rn: never contracted or reordered.
+template <typename A>
+struct CompensatedSum {
+  A sum = 0, lost = 0;
+  __device__ __forceinline__ void add(A value) {
+    const A y = add_rn(value, -lost);
+    const A t = add_rn(sum, y);
+    lost = add_rn(add_rn(t, -sum), -y);
+    sum = t;
+  }
+  __device__ __forceinline__ A value() const { return add_rn(sum, -lost); }
+};
+
 // Stage 2: a block of 32 columns x kReduceLanes warps; warp l adds chunks l, l + kReduceLanes, ... in
 // order (a warp reads 32 consecutive columns), then the first warp adds the lanes' sums in lane order.
+// Both compensated: stage 2 adds ~chunks partials a column, stage 1 only 16+ rows a chunk.
 template <typename T>
 __global__ void affine_reduce_kernel(const acc_t<T>* __restrict__ partials, T* __restrict__ dweight,
                                      T* __restrict__ dbias, int64_t chunks, int64_t dim) {
@@ -239,25 +256,24 @@ __global__ void affine_reduce_kernel(const acc_t<T>* __restrict__ partials, T* _
   __shared__ A lane_sums[2][kReduceLanes][32];  // [lane][column]: a warp reads or writes 32 consecutive
   const int column = threadIdx.x % 32, lane = threadIdx.x / 32;
   const int64_t col = blockIdx.x * static_cast<int64_t>(32) + column;
-  A dw = 0, db = 0;
+  CompensatedSum<A> dw, db;
   if (col < dim) {
     for (int64_t chunk = lane; chunk < chunks; chunk += kReduceLanes) {
-      dw += partials[(2 * chunk) * dim + col];
-      db += partials[(2 * chunk + 1) * dim + col];
+      dw.add(partials[(2 * chunk) * dim + col]);
+      db.add(partials[(2 * chunk + 1) * dim + col]);
     }
   }
-  lane_sums[0][lane][column] = dw;
-  lane_sums[1][lane][column] = db;
+  lane_sums[0][lane][column] = dw.value();
+  lane_sums[1][lane][column] = db.value();
   __syncthreads();
   if (lane != 0 || col >= dim) return;
-  dw = 0;
-  db = 0;
+  CompensatedSum<A> dw_all, db_all;
   for (int l = 0; l < kReduceLanes; ++l) {
-    dw += lane_sums[0][l][column];
-    db += lane_sums[1][l][column];
+    dw_all.add(lane_sums[0][l][column]);
+    db_all.add(lane_sums[1][l][column]);
   }
-  if (dweight) dweight[col] = from_acc<T>(dw);
-  if (dbias) dbias[col] = from_acc<T>(db);
+  if (dweight) dweight[col] = from_acc<T>(dw_all.value());
+  if (dbias) dbias[col] = from_acc<T>(db_all.value());
 }
 
 }  // namespace
