@@ -76,11 +76,14 @@ def test_wide_rows_up_to_16384(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_many_rows_the_partial_sums_of_dweight_dbias(device):
+@pytest.mark.parametrize("shape, dropout_p", [((300, 48), 0.0), ((70001, 64), 0.1)])
+def test_many_rows_the_partial_sums_of_dweight_dbias(device, shape, dropout_p):
+    """dweight / dbias add up every row: at 70001 rows a sum of plain float adds in chunk order was
+    2.4x torch's error on an H200 (the CUDA reduce is compensated since); the CPU op's too."""
     torch.manual_seed(3)
-    x, residual = (torch.randn(300, 48, device=device, requires_grad=True) for _ in range(2))
-    weight, bias = (torch.randn(48, device=device, requires_grad=True) for _ in range(2))
-    check_against_reference(x, residual, weight, bias)
+    x, residual = (torch.randn(shape, device=device, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(shape[-1], device=device, requires_grad=True) for _ in range(2))
+    check_against_reference(x, residual, weight, bias, dropout_p=dropout_p)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA backward's row chunks")
