@@ -33,6 +33,9 @@ TORCH_LIBRARY(fasttf, m) {
         "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed, Tensor? grad_weights, "
         "bool average_heads, bool mask_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def("native_attention_keep_mask(Tensor q, Tensor k, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("native_multi_head_attention(Tensor query, Tensor key, Tensor value, Tensor in_proj_weight, "
+        "Tensor? in_proj_bias, Tensor out_proj_weight, Tensor? out_proj_bias, int num_heads, bool batch_first) "
+        "-> Tensor");
 }
 
 #define FASTTF_IMPL_OPS(ns)                                                   \
@@ -51,6 +54,7 @@ TORCH_LIBRARY_IMPL(fasttf, CPU, m) {
   m.impl("native_attention_forward_weights", &fasttf::cpu::native_attention_forward_weights);
   m.impl("native_attention_backward", &fasttf::cpu::native_attention_backward);
   m.impl("native_attention_keep_mask", &fasttf::cpu::native_attention_keep_mask);
+  m.impl("native_multi_head_attention", &fasttf::cpu::native_multi_head_attention);
 }
 
 #ifdef FASTTF_WITH_CUDA
@@ -122,6 +126,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
      py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("seed"),
      py::arg("grad_weights"), py::arg("average_heads"), py::arg("mask_requires_grad"));
+  m.def("native_multi_head_attention", [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                          const at::Tensor& in_proj_weight, const fasttf::OptTensor& in_proj_bias,
+                                          const at::Tensor& out_proj_weight, const fasttf::OptTensor& out_proj_bias,
+                                          int64_t num_heads, bool batch_first) {
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::native_multi_head_attention)>(
+        "fasttf::native_multi_head_attention");
+    return op.call(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                   batch_first);
+  }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("in_proj_weight"), py::arg("in_proj_bias"),
+     py::arg("out_proj_weight"), py::arg("out_proj_bias"), py::arg("num_heads"), py::arg("batch_first"));
   // For tests and reports: the dtype the CPU attention kernel's block products read inputs of a dtype in.
   m.def("_cpu_attention_operand_dtype", &fasttf::cpu::native_attention_operand_type, py::arg("dtype"));
   // For tests and reports: whether float32 block products run on the AVX2 micro-kernel (attention_panels.cpp).

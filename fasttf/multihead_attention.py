@@ -18,6 +18,10 @@ Where the attention itself runs:
   already is that big.
 - The in-projection is one matmul for self-attention (two when only key is value, as torch's) and
   q, k, v reach the kernel as strided views of its product, never copied into a head-major layout.
+- Inference (no_grad / inference_mode) without masks, weights or dropout on the CPU kernel, the
+  call of a decode step or an encoder in eval: the whole forward in one C++ op
+  (fasttf::native_multi_head_attention, the same ATen calls and kernel, so the same bits), where
+  torch's module takes its own C++ fast path; the Python path's tensor calls cost ~50 us at one token.
 - `need_weights=True`: the same kernel, and a second one that writes the weights from the saved
   log-sum-exp (`fasttf.ops.attention.attention_with_weights`): `(N, L, S)` averaged over the heads
   inside the kernel when `average_attn_weights=True`, else `(N, num_heads, L, S)`; after dropout,
@@ -143,6 +147,17 @@ def _split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     """(S, N, H * E), or (N, S, H * E) when batch_first, -> (N, H, S, E): a view of any strided x."""
     heads = _split_last(x, num_heads, x.size(-1) // num_heads)
     return heads.transpose(1, 2) if batch_first else heads.permute(1, 2, 0, 3)
+
+
+def _out_projection(heads: Tensor, weight: Tensor, bias: Tensor | None, batch_first: bool) -> Tensor:
+    """(N, H, L, E) -> (N * L, H * E) -> out projection -> (N, L, embed_dim), or the same in (L, N)
+    order: the kernel's output is laid out (N, L, H, E), so the batch-first merge is a view."""
+    bsz, num_heads, tgt_len, head_dim = heads.shape
+    if batch_first:
+        merged = heads.transpose(1, 2).reshape(bsz * tgt_len, num_heads * head_dim)
+        return F.linear(merged, weight, bias).view(bsz, tgt_len, -1)
+    merged = heads.permute(2, 0, 1, 3).reshape(tgt_len * bsz, num_heads * head_dim)
+    return F.linear(merged, weight, bias).view(tgt_len, bsz, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,15 +357,7 @@ def _multi_head_attention_forward(
                                                            is_causal=is_causal)
         weights = None
 
-    # (N, H, L, E) -> (N * L, H * E) -> out projection -> (N, L, embed_dim), or the same in (L, N) order:
-    # the kernel's output is laid out (N, L, H, E), so the batch-first merge is a view
-    if batch_first:
-        merged = heads.transpose(1, 2).reshape(bsz * tgt_len, embed_dim)
-        output = F.linear(merged, out_proj_weight, out_proj_bias).view(bsz, tgt_len, -1)
-    else:
-        merged = heads.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-        output = F.linear(merged, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
-
+    output = _out_projection(heads, out_proj_weight, out_proj_bias, batch_first)
     if not is_batched:
         output = output.squeeze(1)
         if weights is not None:
@@ -403,12 +410,31 @@ class MultiheadAttention(nn.MultiheadAttention):
         if query.is_nested or key.is_nested or value.is_nested:
             raise AssertionError("fasttf.MultiheadAttention does not support NestedTensor inputs: pass a padded "
                                  "tensor and a key_padding_mask")
+        if (not torch.is_grad_enabled() and key_padding_mask is None and attn_mask is None and not need_weights
+                and not is_causal and self._inference_in_one_op(query, key, value)):
+            return _attention_op.native_multi_head_attention(
+                query, key, value, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias,
+                self.num_heads, self.batch_first), None
         return _multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
             self.training, key_padding_mask, need_weights, attn_mask, not self._qkv_same_embed_dim,
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, None, None, average_attn_weights, is_causal,
             batch_first=self.batch_first, stacklevel=2)  # past Module.__call__: see _warn_if_mismatched
+
+    def _inference_in_one_op(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Under no_grad / inference_mode, no masks or weights asked for (the caller checked): the
+        common inference call (a decode step, an encoder in eval) with packed weights, no dropout, no
+        extra keys, batched 3-D CPU inputs of this embed_dim on the C++ kernel runs as one C++ op
+        (fasttf::native_multi_head_attention): the same ATen calls and kernel as
+        _multi_head_attention_forward, so the same bits (tested), without its ~60 us of Python at
+        one token, where torch's module takes its own C++ fast path."""
+        batch_dim = 0 if self.batch_first else 1
+        return (query.dim() == 3 and key.dim() == 3 and key.shape == value.shape and self._qkv_same_embed_dim
+                and query.size(-1) == self.embed_dim and key.size(-1) == self.embed_dim
+                and query.size(batch_dim) == key.size(batch_dim)
+                and (self.dropout == 0.0 or not self.training) and self.bias_k is None and not self.add_zero_attn
+                and self.in_proj_weight is not None and _attention_op.runs_native_eagerly(query))
 
     @classmethod
     def _like(cls, module: nn.MultiheadAttention, device) -> "MultiheadAttention":

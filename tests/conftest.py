@@ -42,7 +42,9 @@ def kernel_calls(monkeypatch):
     """Every call of fasttf's attention kernel, which still runs (strict mode makes each call the
     kernel): per call a dict of the arguments it was given, by name (query, key, value, attn_mask,
     is_causal, ...), plus length_q, length_k, heads, heads_kv (from the query's and key's shapes) and
-    weights (True for attention_with_weights, the path that also returns the weights)."""
+    weights (True for attention_with_weights, the path that also returns the weights). A call of
+    fasttf.MultiheadAttention's one-op inference path (fasttf::native_multi_head_attention) is recorded
+    with one_op=True and the module's query, key, value (before the projections)."""
     import inspect
 
     from fasttf.ops import attention as attention_op
@@ -60,6 +62,19 @@ def kernel_calls(monkeypatch):
             return kernel(*args, **kwargs)
 
         monkeypatch.setattr(attention_op, name, spy)
+
+    one_op = attention_op.native_multi_head_attention  # fasttf.MultiheadAttention's inference call, whole
+
+    def spy_one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                   batch_first):
+        length = 1 if batch_first else 0
+        calls.append(dict(query=query, key=key, value=value, attn_mask=None, is_causal=False, dropout_p=0.0,
+                          length_q=query.size(length), length_k=key.size(length), heads=num_heads,
+                          heads_kv=num_heads, weights=False, one_op=True))
+        return one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                      batch_first)
+
+    monkeypatch.setattr(attention_op, "native_multi_head_attention", spy_one_op)
     return calls
 
 

@@ -403,6 +403,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out if batched else out.squeeze(0)
 
 
+def runs_native_eagerly(query: Tensor) -> bool:
+    """Whether scaled_dot_product_attention on `query` would run the C++ CPU kernel, eagerly (not traced)."""
+    return _cpu.runs_native(query) and not torch.compiler.is_compiling()
+
+
+native_multi_head_attention = _cpu.multi_head_attention  # for fasttf.MultiheadAttention, where runs_native_eagerly
+
+
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -99,6 +99,16 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout
                                          scale, seed, grad_weights, average_heads, mask_requires_grad)
 
 
+def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                         batch_first):
+    """fasttf.MultiheadAttention's inference call (no masks, dropout or weights; nothing records a
+    gradient) in one op: in-projection, attention_forward, out-projection, as the module's Python
+    path makes them (the same bits)."""
+    ops = _extension.direct() or native_ops()
+    return ops.native_multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,
+                                           out_proj_bias, num_heads, batch_first)
+
+
 def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     """The bool keep-mask (N, H, L, S) the C++ kernel draws for this seed."""
     return native_ops().native_attention_keep_mask(query, key, float(dropout_p), seed)
@@ -130,6 +140,11 @@ if _extension.is_available():
         else:
             dmask = q.new_empty((0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+    @torch.library.register_fake("fasttf::native_multi_head_attention")
+    def _multi_head_fake(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                         batch_first):
+        return query.new_empty((*query.shape[:-1], out_proj_weight.size(0)))
 
     # The C++ autograd of native_attention_forward (csrc/autograd.cpp) calls the backward op; that op's
     # own backward (a second order) raises SecondOrderError, never a silent zero or torch's warning.

@@ -1,0 +1,137 @@
+"""fasttf.MultiheadAttention's inference call in one C++ op (fasttf::native_multi_head_attention):
+taken under no_grad / inference_mode for plain calls on the CPU kernel, with the very bits of the
+module's Python path (fasttf.multi_head_attention_forward), and left alone by every other call."""
+
+import pytest
+import torch
+from torch import nn
+
+import fasttf
+from fasttf.multihead_attention import _multi_head_attention_forward
+from fasttf.ops import attention as attention_op
+from conftest import INTERPRET
+
+
+@pytest.fixture
+def one_op_calls(monkeypatch):
+    """The module's calls of the one-op path (the op still runs)."""
+    calls = []
+    one_op = attention_op.native_multi_head_attention
+
+    def spy(*args):
+        calls.append(args)
+        return one_op(*args)
+
+    monkeypatch.setattr(attention_op, "native_multi_head_attention", spy)
+    return calls
+
+
+def python_path(module, query, key, value):
+    """The module's own Python path for the same call (what forward runs when the one op is not taken)."""
+    return _multi_head_attention_forward(
+        query, key, value, module.embed_dim, module.num_heads, module.in_proj_weight, module.in_proj_bias,
+        module.bias_k, module.bias_v, module.add_zero_attn, module.dropout, module.out_proj.weight,
+        module.out_proj.bias, module.training, None, False, None, not module._qkv_same_embed_dim,
+        module.q_proj_weight, module.k_proj_weight, module.v_proj_weight, None, None, True, False,
+        batch_first=module.batch_first, stacklevel=2)[0]
+
+
+def inputs(kind, batch_first, dtype, embed_dim=16):
+    batch, length, source = 3, 5, 7
+    def sequence(n):
+        return torch.randn((batch, n, embed_dim) if batch_first else (n, batch, embed_dim), dtype=dtype)
+    x = sequence(length)
+    if kind == "self":
+        return x, x, x
+    if kind == "cross":  # encoder-decoder attention: key is value
+        memory = sequence(source)
+        return x, memory, memory
+    return x, sequence(source), sequence(source)  # three tensors
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "three"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_one_op_gives_the_python_paths_bits(one_op_calls, kind, batch_first, dtype, grad_mode):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=batch_first, dtype=dtype).eval()
+    ours = fasttf.MultiheadAttention.from_torch(theirs)
+    query, key, value = inputs(kind, batch_first, dtype)
+    with grad_mode():
+        got, weights = ours(query, key, value, need_weights=False)
+        expected = python_path(ours, query, key, value)
+        baseline = theirs(query, key, value, need_weights=False)[0]
+    assert len(one_op_calls) == 1 and weights is None
+    assert got.shape == expected.shape == baseline.shape and got.dtype == dtype
+    assert torch.equal(got, expected)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got, baseline, rtol=tolerance, atol=tolerance)
+
+
+def test_training_without_dropout_under_no_grad_takes_it(one_op_calls):
+    ours = fasttf.MultiheadAttention(8, 2, dropout=0.0).train()
+    x = torch.randn(4, 2, 8)
+    with torch.no_grad():
+        assert torch.equal(ours(x, x, x, need_weights=False)[0], python_path(ours, x, x, x))
+    assert len(one_op_calls) == 1
+
+
+CALLS_IT_LEAVES = {
+    "grad enabled": dict(),
+    "need_weights": dict(need_weights=True),
+    "attn_mask": dict(attn_mask=torch.zeros(5, 5)),
+    "key_padding_mask": dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool)),
+    "is_causal": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=True),
+    "dropout in training": dict(module=dict(dropout=0.1), train=True),
+    "add_bias_kv": dict(module=dict(add_bias_kv=True)),
+    "add_zero_attn": dict(module=dict(add_zero_attn=True)),
+    "kdim / vdim": dict(module=dict(kdim=6, vdim=6)),
+    "unbatched": dict(unbatched=True),
+    "triton kernel": dict(env="triton"),
+}
+
+
+@pytest.mark.parametrize("case", CALLS_IT_LEAVES, ids=list(CALLS_IT_LEAVES))
+def test_every_other_call_keeps_the_python_path(one_op_calls, monkeypatch, case):
+    options = dict(CALLS_IT_LEAVES[case])
+    if options.pop("env", None):
+        if not INTERPRET:
+            pytest.skip("FASTTF_CPU_ATTENTION=triton needs the Triton interpreter on the CPU")
+        monkeypatch.setenv("FASTTF_CPU_ATTENTION", "triton")
+    torch.manual_seed(1)
+    module = fasttf.MultiheadAttention(8, 2, batch_first=True, **options.pop("module", {}))
+    module.train(options.pop("train", False))
+    x = torch.randn(5, 8) if options.pop("unbatched", False) else torch.randn(3, 5, 8)
+    kv = torch.randn(3, 5, 6) if module.kdim == 6 else x
+    if case == "grad enabled":
+        module(x, kv, kv, need_weights=False)
+    else:
+        with torch.no_grad():
+            module(x, kv, kv, **{"need_weights": False, **options})
+    assert one_op_calls == []
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "three"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_opcheck(kind, batch_first):
+    torch.manual_seed(2)
+    module = fasttf.MultiheadAttention(16, 4)
+    query, key, value = inputs(kind, batch_first, torch.float32)
+    torch.library.opcheck(torch.ops.fasttf.native_multi_head_attention.default,
+                          (query, key, value, module.in_proj_weight.detach(), module.in_proj_bias.detach(),
+                           module.out_proj.weight.detach(), None, 4, batch_first))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_heads=3), "expected num_heads to divide the embedding dim 16, got num_heads 3"),
+    (dict(in_proj_weight=torch.randn(16, 16)), r"expected in_proj_weight of shape \[48, 16\], got \[16, 16\]"),
+    (dict(query=torch.randn(5, 16)), "expected 3-D query, key and value, got 2-D, 3-D, 3-D"),
+    (dict(key=torch.randn(4, 7, 16), value=torch.randn(4, 7, 16)), "expected one batch size"),
+])
+def test_op_errors_name_the_argument(change, match):
+    x = torch.randn(3, 5, 16)
+    arguments = dict(query=x, key=x, value=x, in_proj_weight=torch.randn(48, 16), in_proj_bias=None,
+                     out_proj_weight=torch.randn(16, 16), out_proj_bias=None, num_heads=4, batch_first=True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fasttf.native_multi_head_attention(**(arguments | change))
