@@ -31,7 +31,7 @@ def _attention_bwd_rowdot_kernel(Out, dOut, Delta, H, L, EV,
                                  stride_dz, stride_dh, stride_dm, stride_de,
                                  BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
     """D_i = sum_e dO_ie O_ie for one block of rows."""
-    start_m, off_h, off_b = program_coords(L, BLOCK_M, H)
+    start_m, off_h, off_b = program_coords(L, BLOCK_M, H, False)
     off_bh = off_b * H + off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -103,7 +103,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dK, dV
                                EVEN_EV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                                DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n, off_hkv, off_b = program_coords(S, BLOCK_N, HKV)
+    start_n, off_hkv, off_b = program_coords(S, BLOCK_N, HKV, False)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -221,7 +221,7 @@ def _attention_bwd_dq_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dQ,
                              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                              HAS_DW: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_h, off_b = program_coords(L, BLOCK_M, H)
+    start_m, off_h, off_b = program_coords(L, BLOCK_M, H, CAUSAL)
     off_bh = off_b * H + off_h
     off_hkv = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -164,12 +164,18 @@ def dropout_args(dropout_p, seed, query):
 
 
 @triton.jit
-def program_coords(length, BLOCK: tl.constexpr, H):
-    """(block start, head, batch) of this program in `grid`'s one axis, blocks fastest."""
+def program_coords(length, BLOCK: tl.constexpr, H, DESCENDING: tl.constexpr):
+    """(block start, head, batch) of this program in `grid`'s one axis, blocks fastest; DESCENDING:
+    a head's last block first. The causal forward and dq give it CAUSAL: their last query block has
+    the most keys, and the GPU starts programs in about pid order, so the heaviest start first and
+    the grid's last wave ends on the lightest (dK/dV's heaviest, key block 0, comes first already)."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(length, BLOCK)
     off_bh = pid // num_blocks
-    return (pid % num_blocks) * BLOCK, off_bh % H, off_bh // H
+    block = pid % num_blocks
+    if DESCENDING:
+        block = num_blocks - 1 - block
+    return block * BLOCK, off_bh % H, off_bh // H
 
 
 @triton.jit
@@ -260,7 +266,7 @@ def probs_tile(q, k_base, mask_base, lse, offs_m, offs_n, offs_e, stride_kn, str
 @triton.jit
 def _dropout_keep_mask_kernel(Seed, Keep, H, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep bits the attention kernels draw, for tests: Keep (N*H, L, S) uint8."""
-    start_m, off_h, off_b = program_coords(L, BLOCK_M, H)
+    start_m, off_h, off_b = program_coords(L, BLOCK_M, H, False)
     off_bh = off_b * H + off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     seed = tl.load(Seed)

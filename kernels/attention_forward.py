@@ -79,7 +79,7 @@ def _attention_fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_h, off_b = program_coords(L, BLOCK_M, H)
+    start_m, off_h, off_b = program_coords(L, BLOCK_M, H, CAUSAL)
     off_bh = off_b * H + off_h
     off_hkv = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)

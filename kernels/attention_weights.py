@@ -85,7 +85,7 @@ def _attention_weights_delta_kernel(Q, K, Mask, Seed, Lse, dW, Delta,
                                     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                     EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Delta_i += sum_j W_ij dW'_ij for one block of rows of one (batch, head), over all keys."""
-    start_m, off_h, off_b = program_coords(L, BLOCK_M, H)
+    start_m, off_h, off_b = program_coords(L, BLOCK_M, H, False)
     off_bh = off_b * H + off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
