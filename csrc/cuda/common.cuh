@@ -61,11 +61,21 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// VEC values of T as one aligned access, left in T (a load in flight while other work runs).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_acc(const T* p, acc_t<T>* out) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void to_acc(const Pack<T, VEC>& pack, acc_t<T>* out) {
 #pragma unroll
   for (int j = 0; j < VEC; ++j) out[j] = to_acc(pack.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_acc(const T* p, acc_t<T>* out) {
+  to_acc<T, VEC>(load_pack<T, VEC>(p), out);
 }
 
 // VEC values at base + at in the compute type, or `fill` where base is null (an optional tensor left out).
