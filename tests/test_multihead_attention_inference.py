@@ -135,3 +135,19 @@ def test_op_errors_name_the_argument(change, match):
                      out_proj_weight=torch.randn(16, 16), out_proj_bias=None, num_heads=4, batch_first=True)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fasttf.native_multi_head_attention(**(arguments | change))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_torch_compile_under_no_grad_traces_the_python_path(one_op_calls):
+    """Traced, the module takes the Python path (its ops are what torch.compile knows); the eager
+    call beside it takes the one op: the two agree."""
+    torch.manual_seed(3)
+    module = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(lambda a: module(a, a, a, need_weights=False)[0], fullgraph=True)
+    with torch.no_grad():
+        traced = compiled(x)
+        assert one_op_calls == []
+        eager = module(x, x, x, need_weights=False)[0]
+    assert len(one_op_calls) == 1
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
