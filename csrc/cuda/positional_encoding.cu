@@ -129,7 +129,7 @@ cudaError_t launch_positional_encoding(DType dtype, const void* x, void* y, cons
     const unsigned int blocks = blocks_for(chunks * args.t_mod * (args.dim / vec), kThreads);
     // positions t + offset, t < t_mod, all in the table (per-sequence offsets live on the device: not checked)
     const bool table_only = args.table != nullptr && args.offsets == nullptr && args.offset >= 0 &&
-                            args.offset + args.t_mod <= args.table_rows;
+                            args.offset <= args.table_rows - args.t_mod;  // (no overflow for a far offset)
     dispatch_vec(vec, [&](auto v) {
       if (table_only) {
         positional_encoding_kernel<T, v, true><<<blocks, kThreads, 0, stream>>>(xp, yp, args, n_per_thread);
