@@ -26,15 +26,18 @@ DEVICE = kernel_device()
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The query shapes of every call of fasttf's attention kernel (which still runs)."""
+    """The query shapes of every call of fasttf's attention kernel (which still runs): of
+    scaled_dot_product_attention, and of fasttf.MultiheadAttention's one-op inference call
+    (native_multi_head_attention: the module's query, before the projection)."""
     calls = []
-    kernel = fasttf.ops.attention.scaled_dot_product_attention
+    for name in ("scaled_dot_product_attention", "native_multi_head_attention"):
+        kernel = getattr(fasttf.ops.attention, name)
 
-    def spy(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return kernel(*args, **kwargs)
+        def spy(*args, kernel=kernel, **kwargs):
+            calls.append(tuple(args[0].shape))
+            return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(fasttf.ops.attention, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(fasttf.ops.attention, name, spy)
     return calls
 
 
