@@ -26,6 +26,23 @@ namespace cpu {
 namespace attention {
 namespace {
 
+// One row of weights: dst = row, or dst += row where the heads are averaged (they are added first).
+template <typename acc_t>
+void put_weights_row(acc_t* dst, const acc_t* row, int64_t n, bool accumulate) {
+  if (accumulate) {
+    for (int64_t j = 0; j < n; ++j) dst[j] += row[j];
+  } else {
+    std::copy(row, row + n, dst);
+  }
+}
+
+// The heads' sum in w (count values) made their mean.
+template <typename acc_t>
+void divide_by_heads(acc_t* w, int64_t count, int64_t heads) {
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(heads);
+  for (int64_t x = 0; x < count; ++x) w[x] *= inv;
+}
+
 // w[(task rows) x S] (+)= p z for head h of batch b, rows [i0, i1); keys past the causal end untouched.
 template <typename acc_t, typename in_t>
 void head_weights(const Problem<acc_t, in_t>& p, const acc_t* lse, int64_t b, int64_t h, int64_t i0, int64_t i1,
@@ -45,12 +62,7 @@ void head_weights(const Problem<acc_t, in_t>& p, const acc_t* lse, int64_t b, in
       if (p.dropout.on) {
         apply_dropout(p.dropout, p.flat(b, h, i0 + r, j0), n, row, z.data());
       }
-      acc_t* dst = w + r * p.S + j0;
-      if (accumulate) {
-        for (int64_t j = 0; j < n; ++j) dst[j] += row[j];
-      } else {
-        std::copy(row, row + n, dst);
-      }
+      put_weights_row(w + r * p.S + j0, row, n, accumulate);
     }
   }
 }
@@ -70,8 +82,7 @@ void weights_kernel(const Problem<acc_t, in_t>& p, const acc_t* lse, bool averag
         continue;
       }
       for (int64_t h = 0; h < p.H; ++h) head_weights(p, lse, bh, h, i0, i1, dst, true, tile, z);
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(p.H);
-      for (int64_t x = 0; x < (i1 - i0) * p.S; ++x) dst[x] *= inv;
+      divide_by_heads(dst, (i1 - i0) * p.S, p.H);
     }
   });
 }
@@ -139,12 +150,7 @@ void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tenso
         const acc_t inv = acc_t(1) / sum;
         for (int64_t j = 0; j < key_end; ++j) row[j] *= inv;
         if (p.dropout.on) apply_dropout(p.dropout, p.flat(b, h, i, 0), key_end, row, z.data());
-        acc_t* dst = w_rows + r * p.S;
-        if (accumulate) {
-          for (int64_t j = 0; j < key_end; ++j) dst[j] += row[j];
-        } else {
-          std::copy(row, row + key_end, dst);
-        }
+        put_weights_row(w_rows + r * p.S, row, key_end, accumulate);
       }
       acc_t* o = out + b * o_sb + h * o_sh + i0 * o_sl;
       if constexpr (kFloat) {
@@ -180,11 +186,10 @@ void forward_weights_kernel(const Problem<acc_t>& p, const at::Tensor& out_tenso
           head_rows(b, h, i0, i1, w_rows, true);
         }
       }
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(p.H);
       for (int64_t task = first; task < stop; ++task) {
         int64_t i0, i1;
         acc_t* w_rows = task_rows(task, i0, i1);
-        for (int64_t x = 0; x < (i1 - i0) * p.S; ++x) w_rows[x] *= inv;
+        divide_by_heads(w_rows, (i1 - i0) * p.S, p.H);
       }
       first = stop;
     }
