@@ -42,12 +42,12 @@ at::Tensor native_multi_head_attention(const at::Tensor& query, const at::Tensor
               ": expected in_proj_weight of shape [", int_str(3 * embed_dim), ", ", int_str(embed_dim), "], got ",
               shape_str(in_proj_weight.sizes()));
   const int64_t batch_dim = batch_first ? 0 : 1;
-  // inference only (the op has no autograd): the ATen calls below skip the autograd and view-tracking
-  // layers of the dispatcher, as under inference_mode (~1 us a call under no_grad otherwise)
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(key.size(batch_dim) == query.size(batch_dim) && value.size(batch_dim) == query.size(batch_dim),
               "fasttf.", op, ": expected one batch size, got query ", shape_str(query.sizes()), ", key ",
               shape_str(key.sizes()), ", value ", shape_str(value.sizes()));
+  // inference only (the op has no autograd): the ATen calls below skip the autograd and view-tracking
+  // layers of the dispatcher, as under inference_mode (~1 us a call under no_grad otherwise)
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   at::Tensor q, k, v;
   const auto bias_part = [&](int64_t first, int64_t parts) {
