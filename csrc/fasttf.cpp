@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "cpu/dropout.h"
+#include "cpu/row_math.h"
 #include "philox.h"
 #include "ops.h"
 
@@ -150,4 +151,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                      static_cast<float>(1.0 / (1.0 - dropout_p)), out.data_ptr<float>());
     return out;
   }, py::arg("seed"), py::arg("start"), py::arg("n"), py::arg("dropout_p"));
+  // For tests and reports: whether a CPU elementwise call moving `bytes` in all streams its outputs
+  // past the caches (cpu/row_math.h).
+  m.def("_cpu_streams_stores", &fasttf::cpu::streams, py::arg("bytes"));
 }

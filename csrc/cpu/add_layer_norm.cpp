@@ -69,15 +69,17 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
     const acc_t eps_acc = static_cast<acc_t>(eps);
+    const bool stream = streams(4 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // s, out past the caches?
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s_buffer(std::is_same_v<scalar_t, acc_t> ? 0 : dim), m_buffer(dropout ? dim : 0);
+      std::vector<acc_t> s_buffer(std::is_same_v<scalar_t, acc_t> && !stream ? 0 : dim), m_buffer(dropout ? dim : 0);
       const acc_t* m = dropout ? m_buffer.data() : nullptr;
       for (int64_t row = begin; row < end; ++row) {
         const int64_t at_ = row * dim;
         if (dropout) drop.fill(at_, dim, m_buffer.data());
         add_norm_row(xp + at_, rp + at_, m, w.data(), b.data(), eps_acc, sp + at_, op + at_, s_buffer.data(),
-                     mean_p + row, rstd_p + row, dim);
+                     mean_p + row, rstd_p + row, dim, stream);
       }
+      if (stream) end_streamed_stores();
     });
   });
   return {out, s, mean, rstd};
@@ -126,6 +128,8 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
     scalar_t* drp = dres.data_ptr<scalar_t>();
     scalar_t* dxp = dropout ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* partial_p = need_partials ? partials.data_ptr<acc_t>() : nullptr;
+    const int64_t passes = 3 + (gsp ? 1 : 0) + (dropout ? 1 : 0);  // dy, s, ds (grad_s, dx)
+    const bool stream = streams(passes * s_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
       constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
       std::vector<acc_t> dy_buffer(kSame ? 0 : dim), s_buffer(kSame ? 0 : dim), m_buffer(dropout ? dim : 0);
@@ -143,9 +147,10 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
           if (dropout) drop.fill(at_, dim, m_buffer.data());
           add_norm_backward_row(dyp + at_, sp + at_, gsp ? gsp + at_ : nullptr, m, w.data(), mean_p[row], rstd_p[row],
                                 drp + at_, dxp ? dxp + at_ : nullptr, dw_part, db_part, dy_buffer.data(),
-                                s_buffer.data(), dim);
+                                s_buffer.data(), dim, stream);
         }
       }
+      if (stream) end_streamed_stores();
     });
     // stage 2: add the per-block partials in block order
     if (need_partials) {

@@ -92,6 +92,7 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
     const scalar_t* xp = x_c.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t scale_acc = static_cast<acc_t>(scale);
+    const bool stream = streams(2 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // y past the caches?
     at::parallel_for(0, layout.rows, std::max<int64_t>(1, 16384 / dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pe_buffer(table_data ? 0 : dim);
       for (int64_t r = begin; r < end; ++r) {
@@ -105,8 +106,9 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
           sinusoid_row<acc_t>(position, inv_freq, pe_buffer.data());
           pe = pe_buffer.data();
         }
-        scale_add_rows(xp + r * dim, scale_acc, pe, yp + r * dim, dim);
+        scale_add_rows(xp + r * dim, scale_acc, pe, yp + r * dim, dim, stream);
       }
+      if (stream) end_streamed_stores();
     });
   });
   return y;
@@ -123,8 +125,10 @@ at::Tensor positional_encoding_backward(const at::Tensor& grad, double scale) {
     const acc_t scale_acc = static_cast<acc_t>(scale);
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
+    const bool stream = streams(2 * n * static_cast<int64_t>(sizeof(scalar_t)));
     at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-      scale_add_rows(gp + begin, scale_acc, static_cast<const acc_t*>(nullptr), dp + begin, end - begin);
+      scale_add_rows(gp + begin, scale_acc, static_cast<const acc_t*>(nullptr), dp + begin, end - begin, stream);
+      if (stream) end_streamed_stores();
     });
   });
   return dx;

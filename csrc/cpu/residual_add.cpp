@@ -18,14 +18,17 @@ constexpr int64_t kChunk = 2048;   // elements per step of the dropout multiplie
 constexpr int64_t kGrain = 16384;  // elements a thread takes at least
 
 // out = (residual ? residual : 0) + x * m over a flat contiguous tensor.
+// out streamed past the caches when the call moves more bytes than they keep (row_math.h).
 template <typename scalar_t>
 void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t n, double dropout_p,
                  uint64_t seed) {
   using acc_t = acc_type<scalar_t>;
+  const bool stream = streams((residual ? 3 : 2) * n * static_cast<int64_t>(sizeof(scalar_t)));
   if (dropout_p == 0.0) {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       add_rows(x + begin, residual ? residual + begin : nullptr, static_cast<const acc_t*>(nullptr), out + begin,
-               end - begin);
+               end - begin, stream);
+      if (stream) end_streamed_stores();
     });
     return;
   }
@@ -35,8 +38,9 @@ void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t len = std::min(kChunk, end - c);
       drop.fill(c, len, m_buffer);
-      add_rows(x + c, residual ? residual + c : nullptr, m_buffer, out + c, len);
+      add_rows(x + c, residual ? residual + c : nullptr, m_buffer, out + c, len, stream);
     }
+    if (stream) end_streamed_stores();
   });
 }
 

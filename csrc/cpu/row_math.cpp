@@ -8,7 +8,11 @@
 // 0.5-0.9x of eager in such a build); each ISA gets vectors as wide as its registers.
 #include "row_math.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -212,6 +216,74 @@ FASTTF_INLINE X store_rounded(S* p, X value) {
   }
 }
 
+// One vector v (8 to 64 bytes) stored at p past the caches (p aligned to its size): movnti / movntdq,
+// builtins checked where they are expanded, in the per-ISA functions (the 64-byte one only in
+// AVX-512's). A plain store where there are no per-ISA builds.
+template <typename V>
+FASTTF_INLINE void stream_vector(void* p, V v) {
+#if FASTTF_ISA_VERSIONS
+  if constexpr (sizeof(V) == 8) {
+    long long bits;
+    __builtin_memcpy(&bits, &v, 8);
+    __builtin_ia32_movnti64(static_cast<long long*>(p), bits);
+  } else if constexpr (sizeof(V) == 16) {
+    typedef long long I64x2 __attribute__((vector_size(16)));
+    __builtin_ia32_movntdq(static_cast<I64x2*>(p), (I64x2)v);
+  } else if constexpr (sizeof(V) == 32) {
+    typedef long long I64x4 __attribute__((vector_size(32)));
+    __builtin_ia32_movntdq256(static_cast<I64x4*>(p), (I64x4)v);
+  } else {
+    static_assert(sizeof(V) == 64, "a vector of 8 to 64 bytes");
+    typedef long long I64x8 __attribute__((vector_size(64)));
+    __builtin_ia32_movntdq512(static_cast<I64x8*>(p), (I64x8)v);
+  }
+#else
+  __builtin_memcpy(p, &v, sizeof(V));
+#endif
+}
+
+// st, or with kStream a vector streamed past the caches (p aligned: see vector_aligned).
+template <int Wd, bool kStream, typename S, typename X>
+FASTTF_INLINE void st_out(S* p, X value) {
+  if constexpr (kStream && Wd != 0) {
+    using T = decltype(value[0] + 0);
+    if constexpr (std::is_same_v<S, T>) {
+      stream_vector(p, value);
+    } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      stream_vector(p, float_to_bf16<Wd>(value));
+    } else {
+      stream_vector(p, float_to_half<Wd>(value));
+    }
+  } else {
+    st<Wd>(p, value);
+  }
+}
+
+// store_rounded, streamed with kStream: what was stored comes from the rounded bits, not read back.
+template <int Wd, typename T, bool kStream, typename S, typename X>
+FASTTF_INLINE X store_rounded_out(S* p, X value) {
+  if constexpr (!kStream || Wd == 0) {
+    return store_rounded<Wd, T>(p, value);
+  } else if constexpr (std::is_same_v<S, T>) {
+    stream_vector(p, value);
+    return value;
+  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const U32<Wd> bits = bf16_bits<Wd>(value);
+    stream_vector(p, narrow_u32<Wd>(bits));
+    return (X)(bits << 16);
+  } else {
+    const U16<Wd> bits = float_to_half<Wd>(value);
+    stream_vector(p, bits);
+    return half_to_float<Wd>(bits);
+  }
+}
+
+// Whether p suits the streamed stores of vectors of kLanes<T, W> values of S from p on.
+template <typename S, typename T, int W>
+FASTTF_INLINE bool vector_aligned(const void* p) {
+  return p != nullptr && reinterpret_cast<uintptr_t>(p) % (kLanes<T, W> * sizeof(S)) == 0;
+}
+
 // The sum of a vector's lanes as a tree (log2 of the lanes steps, not a chain of adds): the upper
 // half added onto the lower half until one lane is left.
 template <typename T, int W>
@@ -270,66 +342,83 @@ FASTTF_INLINE void sum2_lanes(int64_t n, F term, T* first, T* second) {
   *second = b;
 }
 
-template <typename S, typename T, int W, bool kResidual, bool kDropout>
+template <typename S, typename T, int W, bool kResidual, bool kDropout, bool kStream>
 FASTTF_INLINE void add_rows_impl(const S* x, const S* residual, const T* m, S* out, int64_t n) {
   for_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
     constexpr int V = decltype(tag)::value;
     auto value = ld<T, V>(x + j);
     if constexpr (kDropout) value = value * ld<T, V>(m + j);
     if constexpr (kResidual) value = ld<T, V>(residual + j) + value;
-    st<V>(out + j, value);
+    st_out<V, kStream>(out + j, value);
+  });
+}
+
+template <typename S, typename T, int W, bool kStream>
+FASTTF_INLINE void add_rows_variant(const S* x, const S* residual, const T* m, S* out, int64_t n) {
+  if (residual && m) {
+    add_rows_impl<S, T, W, true, true, kStream>(x, residual, m, out, n);
+  } else if (residual) {
+    add_rows_impl<S, T, W, true, false, kStream>(x, residual, m, out, n);
+  } else if (m) {
+    add_rows_impl<S, T, W, false, true, kStream>(x, residual, m, out, n);
+  } else {
+    add_rows_impl<S, T, W, false, false, kStream>(x, residual, m, out, n);
+  }
+}
+
+template <typename S, typename T, int W>
+FASTTF_INLINE void add_rows_any(const S* x, const S* residual, const T* m, S* out, int64_t n, bool stream) {
+  if (stream && vector_aligned<S, T, W>(out)) {
+    add_rows_variant<S, T, W, true>(x, residual, m, out, n);
+  } else {
+    add_rows_variant<S, T, W, false>(x, residual, m, out, n);
+  }
+}
+
+template <typename S, typename T, int W, bool kPe, bool kStream>
+FASTTF_INLINE void scale_add_rows_impl(const S* x, T scale, const T* pe, S* out, int64_t n) {
+  for_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
+    constexpr int V = decltype(tag)::value;
+    auto value = ld<T, V>(x + j) * scale;
+    if constexpr (kPe) value = value + ld<T, V>(pe + j);
+    st_out<V, kStream>(out + j, value);
   });
 }
 
 template <typename S, typename T, int W>
-FASTTF_INLINE void add_rows_any(const S* x, const S* residual, const T* m, S* out, int64_t n) {
-  if (residual && m) {
-    add_rows_impl<S, T, W, true, true>(x, residual, m, out, n);
-  } else if (residual) {
-    add_rows_impl<S, T, W, true, false>(x, residual, m, out, n);
-  } else if (m) {
-    add_rows_impl<S, T, W, false, true>(x, residual, m, out, n);
-  } else {
-    add_rows_impl<S, T, W, false, false>(x, residual, m, out, n);
-  }
-}
-
-template <typename S, typename T, int W>
-FASTTF_INLINE void scale_add_rows_any(const S* x, T scale, const T* pe, S* out, int64_t n) {
+FASTTF_INLINE void scale_add_rows_any(const S* x, T scale, const T* pe, S* out, int64_t n, bool stream) {
+  const bool streamed = stream && vector_aligned<S, T, W>(out);
   if (pe) {
-    for_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
-      constexpr int V = decltype(tag)::value;
-      st<V>(out + j, ld<T, V>(x + j) * scale + ld<T, V>(pe + j));
-    });
+    streamed ? scale_add_rows_impl<S, T, W, true, true>(x, scale, pe, out, n)
+             : scale_add_rows_impl<S, T, W, true, false>(x, scale, pe, out, n);
   } else {
-    for_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
-      constexpr int V = decltype(tag)::value;
-      st<V>(out + j, ld<T, V>(x + j) * scale);
-    });
+    streamed ? scale_add_rows_impl<S, T, W, false, true>(x, scale, pe, out, n)
+             : scale_add_rows_impl<S, T, W, false, false>(x, scale, pe, out, n);
   }
 }
 
 // Pass 1 writes s (and its values as stored, widened, to s_buf) and sums it; pass 2 sums the
-// squared deviations from L1; pass 3 writes out.
-template <typename S, typename T, int W, bool kDropout>
+// squared deviations from L1; pass 3 writes out. Streamed, s is not in the cache to read back:
+// pass 2 and 3 read s_buf for every type.
+template <typename S, typename T, int W, bool kDropout, bool kStream>
 FASTTF_INLINE void add_norm_row_impl(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s,
                                      S* out, T* s_buf, T* mean, T* rstd, int64_t n) {
-  constexpr bool kSame = std::is_same_v<S, T>;
+  constexpr bool kFromS = std::is_same_v<S, T> && !kStream;
   const T sum = sum_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
     constexpr int V = decltype(tag)::value;
     auto value = ld<T, V>(x + j);
     if constexpr (kDropout) value = value * ld<T, V>(m + j);
     value = ld<T, V>(residual + j) + value;
-    if constexpr (kSame) {
+    if constexpr (kFromS) {
       st<V>(s + j, value);
     } else {
-      value = store_rounded<V, T>(s + j, value);  // the statistics of s as stored, which the backward reads
+      value = store_rounded_out<V, T, kStream>(s + j, value);  // the statistics of s as stored (the backward's)
       st<V>(s_buf + j, value);
     }
     return value;
   });
   const T* sv;
-  if constexpr (kSame) {
+  if constexpr (kFromS) {
     sv = s;
   } else {
     sv = s_buf;
@@ -344,11 +433,11 @@ FASTTF_INLINE void add_norm_row_impl(const S* x, const S* residual, const T* m, 
   *rstd = rs;
   for_lanes<T, W>(n, [&](int64_t j, auto tag) FASTTF_LAMBDA {
     constexpr int V = decltype(tag)::value;
-    st<V>(out + j, (ld<T, V>(sv + j) - mu) * rs * ld<T, V>(w + j) + ld<T, V>(b + j));
+    st_out<V, kStream>(out + j, (ld<T, V>(sv + j) - mu) * rs * ld<T, V>(w + j) + ld<T, V>(b + j));
   });
 }
 
-template <typename S, typename T, int W, bool kGradS, bool kDropout, bool kParts>
+template <typename S, typename T, int W, bool kGradS, bool kDropout, bool kParts, bool kStream>
 FASTTF_INLINE void add_norm_backward_row_impl(const S* dy, const S* s, const S* grad_s, const T* m, const T* w,
                                               T mean, T rstd, S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf,
                                               T* s_buf, int64_t n) {
@@ -383,8 +472,8 @@ FASTTF_INLINE void add_norm_backward_row_impl(const S* dy, const S* s, const S* 
     const auto xhat = (ld<T, V>(sv + j) - mean) * rstd;
     auto dsj = rstd * (dyj * ld<T, V>(w + j) - c1 - xhat * c2);
     if constexpr (kGradS) dsj = dsj + ld<T, V>(grad_s + j);
-    st<V>(ds + j, dsj);
-    if constexpr (kDropout) st<V>(dx + j, dsj * ld<T, V>(m + j));
+    st_out<V, kStream>(ds + j, dsj);
+    if constexpr (kDropout) st_out<V, kStream>(dx + j, dsj * ld<T, V>(m + j));
     if constexpr (kParts) {
       st<V>(dw_part + j, ld<T, V>(dw_part + j) + dyj * xhat);
       st<V>(db_part + j, ld<T, V>(db_part + j) + dyj);
@@ -395,13 +484,13 @@ FASTTF_INLINE void add_norm_backward_row_impl(const S* dy, const S* s, const S* 
 template <typename S, typename T, int W>
 FASTTF_INLINE void add_norm_backward_row_any(const S* dy, const S* s, const S* grad_s, const T* m, const T* w, T mean,
                                              T rstd, S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf,
-                                             int64_t n) {
-  const int variant = (grad_s ? 4 : 0) | (dx ? 2 : 0) | (dw_part ? 1 : 0);
-#define FASTTF_BACKWARD_CASE(k)                                                                                    \
-  case k:                                                                                                          \
-    add_norm_backward_row_impl<S, T, W, (k & 4) != 0, (k & 2) != 0, (k & 1) != 0>(dy, s, grad_s, m, w, mean, rstd, ds, \
-                                                                              dx, dw_part, db_part, dy_buf, s_buf, \
-                                                                              n);                                  \
+                                             int64_t n, bool stream) {
+  const bool streamed = stream && vector_aligned<S, T, W>(ds) && (dx == nullptr || vector_aligned<S, T, W>(dx));
+  const int variant = (streamed ? 8 : 0) | (grad_s ? 4 : 0) | (dx ? 2 : 0) | (dw_part ? 1 : 0);
+#define FASTTF_BACKWARD_CASE(k)                                                                              \
+  case k:                                                                                                    \
+    add_norm_backward_row_impl<S, T, W, (k & 4) != 0, (k & 2) != 0, (k & 1) != 0, (k & 8) != 0>(            \
+        dy, s, grad_s, m, w, mean, rstd, ds, dx, dw_part, db_part, dy_buf, s_buf, n);                        \
     break;
   switch (variant) {
     FASTTF_BACKWARD_CASE(0)
@@ -412,17 +501,28 @@ FASTTF_INLINE void add_norm_backward_row_any(const S* dy, const S* s, const S* g
     FASTTF_BACKWARD_CASE(5)
     FASTTF_BACKWARD_CASE(6)
     FASTTF_BACKWARD_CASE(7)
+    FASTTF_BACKWARD_CASE(8)
+    FASTTF_BACKWARD_CASE(9)
+    FASTTF_BACKWARD_CASE(10)
+    FASTTF_BACKWARD_CASE(11)
+    FASTTF_BACKWARD_CASE(12)
+    FASTTF_BACKWARD_CASE(13)
+    FASTTF_BACKWARD_CASE(14)
+    FASTTF_BACKWARD_CASE(15)
   }
 #undef FASTTF_BACKWARD_CASE
 }
 
 template <typename S, typename T, int W>
 FASTTF_INLINE void add_norm_row_any(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s,
-                                    S* out, T* s_buf, T* mean, T* rstd, int64_t n) {
+                                    S* out, T* s_buf, T* mean, T* rstd, int64_t n, bool stream) {
+  const bool streamed = stream && vector_aligned<S, T, W>(s) && vector_aligned<S, T, W>(out);
   if (m) {
-    add_norm_row_impl<S, T, W, true>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n);
+    streamed ? add_norm_row_impl<S, T, W, true, true>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n)
+             : add_norm_row_impl<S, T, W, true, false>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n);
   } else {
-    add_norm_row_impl<S, T, W, false>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n);
+    streamed ? add_norm_row_impl<S, T, W, false, true>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n)
+             : add_norm_row_impl<S, T, W, false, false>(x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n);
   }
 }
 
@@ -444,22 +544,69 @@ FASTTF_INLINE void add_norm_row_any(const S* x, const S* residual, const T* m, c
 #endif
 
 #define FASTTF_ROW_MATH_IMPL(S, T)                                                                                   \
-  FASTTF_BY_WIDTH(S, T, add_rows, (const S* x, const S* residual, const T* m, S* out, int64_t n),                   \
-                  (x, residual, m, out, n))                                                                          \
-  FASTTF_BY_WIDTH(S, T, scale_add_rows, (const S* x, T scale, const T* pe, S* out, int64_t n), (x, scale, pe, out, n)) \
+  FASTTF_BY_WIDTH(S, T, add_rows, (const S* x, const S* residual, const T* m, S* out, int64_t n, bool stream),      \
+                  (x, residual, m, out, n, stream))                                                                  \
+  FASTTF_BY_WIDTH(S, T, scale_add_rows, (const S* x, T scale, const T* pe, S* out, int64_t n, bool stream),         \
+                  (x, scale, pe, out, n, stream))                                                                    \
   FASTTF_BY_WIDTH(S, T, add_norm_row,                                                                                \
                   (const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out, T* s_buf,  \
-                   T* mean, T* rstd, int64_t n),                                                                     \
-                  (x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n))                                          \
+                   T* mean, T* rstd, int64_t n, bool stream),                                                        \
+                  (x, residual, m, w, b, eps, s, out, s_buf, mean, rstd, n, stream))                                  \
   FASTTF_BY_WIDTH(S, T, add_norm_backward_row,                                                                       \
                   (const S* dy, const S* s, const S* grad_s, const T* m, const T* w, T mean, T rstd, S* ds, S* dx,    \
-                   T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n),                                          \
-                  (dy, s, grad_s, m, w, mean, rstd, ds, dx, dw_part, db_part, dy_buf, s_buf, n))
+                   T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n, bool stream),                             \
+                  (dy, s, grad_s, m, w, mean, rstd, ds, dx, dw_part, db_part, dy_buf, s_buf, n, stream))
 
 FASTTF_ROW_MATH_IMPL(float, float)
 FASTTF_ROW_MATH_IMPL(double, double)
 FASTTF_ROW_MATH_IMPL(c10::BFloat16, float)
 FASTTF_ROW_MATH_IMPL(c10::Half, float)
+
+namespace {
+
+// The last-level cache's size in bytes from Linux's sysfs (cpu0's highest cache level), or 0.
+int64_t last_level_cache_bytes() {
+  int64_t bytes = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream size_file(dir + "size");
+    int64_t kib = 0;
+    char unit = 0;
+    if (!(size_file >> kib >> unit) || unit != 'K') continue;
+    bytes = std::max(bytes, kib * 1024);
+  }
+  return bytes;
+}
+
+int64_t stream_min_bytes() {
+  static const int64_t bound = [] {
+    if (const char* env = std::getenv("FASTTF_CPU_STREAM_MIN_BYTES")) {
+      char* end = nullptr;
+      const long long value = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && value >= 0) return static_cast<int64_t>(value);
+    }
+    const int64_t cache = last_level_cache_bytes();
+    return (cache > 0 ? cache : int64_t(32) << 20) / 2;
+  }();
+  return bound;
+}
+
+}  // namespace
+
+bool streams(int64_t bytes) {
+#if FASTTF_ISA_VERSIONS
+  return bytes >= stream_min_bytes();
+#else
+  (void)bytes;
+  return false;
+#endif
+}
+
+void end_streamed_stores() {
+#if FASTTF_ISA_VERSIONS
+  __builtin_ia32_sfence();
+#endif
+}
 
 }  // namespace cpu
 }  // namespace fasttf

@@ -19,21 +19,34 @@
 namespace fasttf {
 namespace cpu {
 
+// Streaming stores: with stream = true a row function writes its outputs past the caches (x86
+// non-temporal stores, for the rows whose outputs start aligned to a vector; the others and the
+// tails store as usual). A cached store first reads the line it writes (read for ownership), so a
+// written pass costs two passes of memory traffic where a streamed one costs one -- worth it only
+// when the outputs would not stay cached for the next op anyway: streams(bytes) says so for a call
+// that reads and writes `bytes` in all, when that is at least half the last-level cache (its size
+// from Linux's sysfs, 32 MiB if unknown; FASTTF_CPU_STREAM_MIN_BYTES sets the bound, read once; 0
+// streams every call). A thread that streamed calls end_streamed_stores() (a store fence) before
+// its part of the call returns. Streamed or not, the values written are the same.
+bool streams(int64_t bytes);
+void end_streamed_stores();
+
 #define FASTTF_ROW_MATH(S, T)                                                                                   \
   /* out = (residual ? residual : 0) + x * (m ? m : 1), over n contiguous values */                           \
-  void add_rows(const S* x, const S* residual, const T* m, S* out, int64_t n);                                 \
+  void add_rows(const S* x, const S* residual, const T* m, S* out, int64_t n, bool stream = false);            \
   /* out = x * scale + (pe ? pe : 0) */                                                                         \
-  void scale_add_rows(const S* x, T scale, const T* pe, S* out, int64_t n);                                     \
+  void scale_add_rows(const S* x, T scale, const T* pe, S* out, int64_t n, bool stream = false);                \
   /* one row of add_layer_norm:  s = residual + x * (m ? m : 1)  (stored as S),                                \
      mean = sum(s) / n,  rstd = 1 / sqrt(sum((s - mean)^2) / n + eps)  (of s as stored),                       \
-     out = (s - mean) * rstd * w + b.  s_buf: n values of scratch (unused when S == T). */                     \
+     out = (s - mean) * rstd * w + b.  s_buf: n values of scratch (unused when S == T, unless streamed). */     \
   void add_norm_row(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out,     \
-                    T* s_buf, T* mean, T* rstd, int64_t n);                                                     \
+                    T* s_buf, T* mean, T* rstd, int64_t n, bool stream = false);                                \
   /* one row of its backward, with xhat = (s - mean) * rstd, g = dy * w:                                       \
      ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + (grad_s ? grad_s : 0);  dx = ds * m (if dx);          \
      dw_part += dy * xhat, db_part += dy (if dw_part).  dy_buf, s_buf: scratch (unused when S == T). */        \
   void add_norm_backward_row(const S* dy, const S* s, const S* grad_s, const T* m, const T* w, T mean, T rstd,  \
-                             S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n);
+                             S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n,              \
+                             bool stream = false);
 
 FASTTF_ROW_MATH(float, float)
 FASTTF_ROW_MATH(double, double)
