@@ -132,6 +132,24 @@ def test_dweight_dbias_do_not_depend_on_the_thread_count():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [7, 64, 65, 300])
+def test_each_row_does_not_depend_on_its_neighbours(dtype, dim):
+    """The CPU kernel takes short rows in pairs (csrc/cpu/norm_rows.cpp) and a thread's first row may
+    start either: a row's out, s and gradients are the same bits whichever row it is paired with."""
+    generator = torch.Generator().manual_seed(dim)
+    x, residual, grad_out, grad_s = (torch.randn(9, dim, generator=generator).to(dtype) for _ in range(4))
+    weight, bias = (torch.randn(dim, generator=generator).to(dtype).requires_grad_() for _ in range(2))
+
+    def rows(first):
+        xs, rs = x[first:].clone().requires_grad_(), residual[first:].clone().requires_grad_()
+        out, s = fasttf.add_layer_norm(xs, rs, weight, bias)
+        return (out, s) + torch.autograd.grad((out, s), (xs, rs), (grad_out[first:], grad_s[first:]))
+
+    for every_row, but_the_first in zip(rows(0), rows(1)):
+        assert torch.equal(every_row[1:], but_the_first)
+
+
 def test_eval_mode_skips_dropout():
     x, residual, weight, bias = torch.randn(5, 8), torch.randn(5, 8), torch.randn(8), torch.randn(8)
     out, s = fasttf.add_layer_norm(x, residual, weight, bias, dropout_p=0.5, training=False)

@@ -1,6 +1,6 @@
 """The CPU kernels' x86 paths all give the answers the tests ask for: the exp and Philox on
 AVX-512, on AVX2 and in plain C++, and the row passes of residual_add, add_layer_norm and
-positional_encoding (csrc/cpu/row_math.cpp) at each vector width. A CPU runs only its best path, so
+positional_encoding (csrc/cpu/row_math.cpp, norm_rows.cpp) at each vector width. A CPU runs only its best path, so
 the lower ones are forced with FASTTF_CPU_ISA (csrc/cpu/simd.h, read once per process) in a fresh
 process that runs the Philox known-answer tests, the native attention kernel's tests and those ops'
 tests. Each run also streams every elementwise call's outputs past the caches

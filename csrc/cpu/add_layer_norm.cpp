@@ -71,13 +71,15 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
     const acc_t eps_acc = static_cast<acc_t>(eps);
     const bool stream = streams(4 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // s, out past the caches?
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s_buffer(std::is_same_v<scalar_t, acc_t> && !stream ? 0 : dim), m_buffer(dropout ? dim : 0);
-      const acc_t* m = dropout ? m_buffer.data() : nullptr;
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t at_ = row * dim;
-        if (dropout) drop.fill(at_, dim, m_buffer.data());
-        add_norm_row(xp + at_, rp + at_, m, w.data(), b.data(), eps_acc, sp + at_, op + at_, s_buffer.data(),
-                     mean_p + row, rstd_p + row, dim, stream);
+      const bool buffered = !std::is_same_v<scalar_t, acc_t> || stream;
+      std::vector<acc_t> s_buffer(buffered ? kNormRowsAtOnce * dim : 0), m_buffer(dropout ? kNormRowsAtOnce * dim : 0);
+      // without dropout all the rows in one call; with it kNormRowsAtOnce rows a call, their multipliers first
+      const int64_t step = dropout ? kNormRowsAtOnce : end - begin;
+      for (int64_t row = begin; row < end; row += step) {
+        const int64_t count = std::min(step, end - row), at_ = row * dim;
+        if (dropout) drop.fill(at_, count * dim, m_buffer.data());
+        add_norm_rows(xp + at_, rp + at_, dropout ? m_buffer.data() : nullptr, w.data(), b.data(), eps_acc, sp + at_,
+                      op + at_, s_buffer.data(), mean_p + row, rstd_p + row, dim, count, stream);
       }
       if (stream) end_streamed_stores();
     });
@@ -132,8 +134,8 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
     const bool stream = streams(passes * s_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
       constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-      std::vector<acc_t> dy_buffer(kSame ? 0 : dim), s_buffer(kSame ? 0 : dim), m_buffer(dropout ? dim : 0);
-      const acc_t* m = dropout ? m_buffer.data() : nullptr;
+      const int64_t scratch = kNormRowsAtOnce * dim;
+      std::vector<acc_t> dy_buffer(kSame ? 0 : scratch), s_buffer(kSame ? 0 : scratch), m_buffer(dropout ? scratch : 0);
       for (int64_t block = block_begin; block < block_end; ++block) {
         acc_t* dw_part = need_partials ? partial_p + (2 * block) * dim : nullptr;
         acc_t* db_part = need_partials ? partial_p + (2 * block + 1) * dim : nullptr;
@@ -141,13 +143,15 @@ Tensor4 add_layer_norm_backward(const at::Tensor& grad_out, const OptTensor& gra
           std::fill(dw_part, dw_part + dim, acc_t(0));
           std::fill(db_part, db_part + dim, acc_t(0));
         }
+        // the block's rows in one call; with dropout kNormRowsAtOnce rows a call, their multipliers first
         const int64_t row_end = std::min(rows, (block + 1) * kRowsPerBlock);
-        for (int64_t row = block * kRowsPerBlock; row < row_end; ++row) {
-          const int64_t at_ = row * dim;
-          if (dropout) drop.fill(at_, dim, m_buffer.data());
-          add_norm_backward_row(dyp + at_, sp + at_, gsp ? gsp + at_ : nullptr, m, w.data(), mean_p[row], rstd_p[row],
-                                drp + at_, dxp ? dxp + at_ : nullptr, dw_part, db_part, dy_buffer.data(),
-                                s_buffer.data(), dim, stream);
+        const int64_t step = dropout ? kNormRowsAtOnce : kRowsPerBlock;
+        for (int64_t row = block * kRowsPerBlock; row < row_end; row += step) {
+          const int64_t count = std::min(step, row_end - row), at_ = row * dim;
+          if (dropout) drop.fill(at_, count * dim, m_buffer.data());
+          add_norm_backward_rows(dyp + at_, sp + at_, gsp ? gsp + at_ : nullptr, dropout ? m_buffer.data() : nullptr,
+                                 w.data(), mean_p + row, rstd_p + row, drp + at_, dxp ? dxp + at_ : nullptr, dw_part,
+                                 db_part, dy_buffer.data(), s_buffer.data(), dim, count, stream);
         }
       }
       if (stream) end_streamed_stores();

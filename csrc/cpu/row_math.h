@@ -31,22 +31,29 @@ namespace cpu {
 bool streams(int64_t bytes);
 void end_streamed_stores();
 
+// add_norm_rows and its backward work on up to this many rows at once (short rows in pairs, their
+// latencies overlapped; each row's arithmetic the same as alone): their scratch holds as many rows.
+constexpr int64_t kNormRowsAtOnce = 2;
+
 #define FASTTF_ROW_MATH(S, T)                                                                                   \
   /* out = (residual ? residual : 0) + x * (m ? m : 1), over n contiguous values */                           \
   void add_rows(const S* x, const S* residual, const T* m, S* out, int64_t n, bool stream = false);            \
   /* out = x * scale + (pe ? pe : 0) */                                                                         \
   void scale_add_rows(const S* x, T scale, const T* pe, S* out, int64_t n, bool stream = false);                \
-  /* one row of add_layer_norm:  s = residual + x * (m ? m : 1)  (stored as S),                                \
+  /* `rows` rows of add_layer_norm, row r at x + r * n (and residual, m, s, out; mean + r, rstd + r):    \
+     s = residual + x * (m ? m : 1)  (stored as S),                                                            \
      mean = sum(s) / n,  rstd = 1 / sqrt(sum((s - mean)^2) / n + eps)  (of s as stored),                       \
-     out = (s - mean) * rstd * w + b.  s_buf: n values of scratch (unused when S == T, unless streamed). */     \
-  void add_norm_row(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out,     \
-                    T* s_buf, T* mean, T* rstd, int64_t n, bool stream = false);                                \
-  /* one row of its backward, with xhat = (s - mean) * rstd, g = dy * w:                                       \
+     out = (s - mean) * rstd * w + b.  s_buf: kNormRowsAtOnce * n values of scratch (unused when S == T,      \
+     unless streamed). */                                                                                       \
+  void add_norm_rows(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out,    \
+                     T* s_buf, T* mean, T* rstd, int64_t n, int64_t rows, bool stream = false);                 \
+  /* their backward, with xhat = (s - mean) * rstd, g = dy * w, rows at stride n as above:                    \
      ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + (grad_s ? grad_s : 0);  dx = ds * m (if dx);          \
-     dw_part += dy * xhat, db_part += dy (if dw_part).  dy_buf, s_buf: scratch (unused when S == T). */        \
-  void add_norm_backward_row(const S* dy, const S* s, const S* grad_s, const T* m, const T* w, T mean, T rstd,  \
-                             S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf, int64_t n,              \
-                             bool stream = false);
+     dw_part += dy * xhat, db_part += dy (if dw_part; row after row).  dy_buf, s_buf: kNormRowsAtOnce * n      \
+     values of scratch each (unused when S == T). */                                                            \
+  void add_norm_backward_rows(const S* dy, const S* s, const S* grad_s, const T* m, const T* w, const T* mean,  \
+                              const T* rstd, S* ds, S* dx, T* dw_part, T* db_part, T* dy_buf, T* s_buf,         \
+                              int64_t n, int64_t rows, bool stream = false);
 
 FASTTF_ROW_MATH(float, float)
 FASTTF_ROW_MATH(double, double)
