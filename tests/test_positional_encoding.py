@@ -87,6 +87,23 @@ def test_cached_table_and_computed_positions_give_the_same_bits(device, dtype, r
     assert (computed.double() - expected).abs().max().item() < (1e-6 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("offset", [0, "per sequence"])
+def test_cpu_runs_of_a_sequence_split_between_threads(offset):
+    """The CPU op takes a sequence's consecutive positions in one call (csrc/cpu/positional_encoding.cpp);
+    with 2 threads each takes 2250 of these 4500 rows, so one thread's run ends and the other's starts
+    in the middle of the second sequence: every value as eager's, bit for bit."""
+    torch.manual_seed(6)
+    x = torch.randn(3, 1500, 8)
+    offset = torch.tensor([0, 7, 300]) if offset == "per sequence" else offset
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = fasttf.positional_encoding(x, offset, scale=1.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, eager_twin(x, offset, 1.5, 10000.0, True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's multi-sequence threads")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_gpu_thread_that_takes_several_sequences(dtype):

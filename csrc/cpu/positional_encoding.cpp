@@ -95,18 +95,24 @@ at::Tensor positional_encoding(const at::Tensor& x, const OptTensor& offsets, in
     const bool stream = streams(2 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // y past the caches?
     at::parallel_for(0, layout.rows, std::max<int64_t>(1, 16384 / dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pe_buffer(table_data ? 0 : dim);
-      for (int64_t r = begin; r < end; ++r) {
+      int64_t rows_taken;
+      for (int64_t r = begin; r < end; r += rows_taken) {
         const int64_t t = (r / layout.t_div) % layout.t_mod;
         const int64_t n = (r / layout.n_div) % layout.n_mod;
         const int64_t position = t + (offset_data ? offset_data[n] : offset);
         const acc_t* pe;
+        rows_taken = 1;
         if (table_data) {
           pe = table_data + position * dim;
+          // (N, T, D) and (T, D): the next rows of one sequence are the next positions, the next rows
+          // of the table, so a run of them is one call over run * D values (per row, a call's fixed
+          // cost was most of a row of 64 values)
+          if (layout.t_div == 1) rows_taken = std::min(end - r, layout.t_mod - t);
         } else {
           sinusoid_row<acc_t>(position, inv_freq, pe_buffer.data());
           pe = pe_buffer.data();
         }
-        scale_add_rows(xp + r * dim, scale_acc, pe, yp + r * dim, dim, stream);
+        scale_add_rows(xp + r * dim, scale_acc, pe, yp + r * dim, rows_taken * dim, stream);
       }
       if (stream) end_streamed_stores();
     });
