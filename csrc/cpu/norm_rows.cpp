@@ -136,6 +136,18 @@ FASTTF_INLINE bool pairs_rows(int64_t n) {
   return n * static_cast<int64_t>(sizeof(T)) <= 512;
 }
 
+// group(rows_tag, i) over rows [0, rows): rows_tag an integral_constant of the group's size R, i its
+// first row; kNormRowsAtOnce rows a group while pairs_rows, one otherwise (the scratch holds a group).
+template <typename T, typename G>
+FASTTF_INLINE void for_row_groups(int64_t n, int64_t rows, G group) {
+  constexpr int kMany = static_cast<int>(kNormRowsAtOnce);
+  int64_t i = 0;
+  if (pairs_rows<T>(n)) {
+    for (; i + kMany <= rows; i += kMany) group(std::integral_constant<int, kMany>{}, i);
+  }
+  for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+}
+
 // Whether each of rows [i, i + R) of p (stride n) suits streamed stores.
 template <typename S, typename T, int W>
 FASTTF_INLINE bool rows_aligned(const S* p, int64_t n, int rows) {
@@ -163,11 +175,7 @@ FASTTF_INLINE void add_norm_rows_any(const S* x, const S* residual, const T* m, 
     }
 #undef FASTTF_FORWARD_ARGS
   };
-  int64_t i = 0;
-  if (pairs_rows<T>(n)) {
-    for (; i + 2 <= rows; i += 2) group(std::integral_constant<int, 2>{}, i);
-  }
-  for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+  for_row_groups<T>(n, rows, group);
 }
 
 template <typename S, typename T, int W>
@@ -208,11 +216,7 @@ FASTTF_INLINE void add_norm_backward_rows_any(const S* dy, const S* s, const S* 
     }
 #undef FASTTF_BACKWARD_CASE
   };
-  int64_t i = 0;
-  if (pairs_rows<T>(n)) {
-    for (; i + 2 <= rows; i += 2) group(std::integral_constant<int, 2>{}, i);
-  }
-  for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+  for_row_groups<T>(n, rows, group);
 }
 
 }  // namespace
