@@ -69,9 +69,9 @@ Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const Op
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
     const acc_t eps_acc = static_cast<acc_t>(eps);
-    const bool stream = streams(4 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // s, out past the caches?
+    const bool stream = streams(4 * x_c.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // out past the caches?
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
-      const bool buffered = !std::is_same_v<scalar_t, acc_t> || stream;
+      const bool buffered = !std::is_same_v<scalar_t, acc_t>;
       std::vector<acc_t> s_buffer(buffered ? kNormRowsAtOnce * dim : 0), m_buffer(dropout ? kNormRowsAtOnce * dim : 0);
       // without dropout all the rows in one call; with it kNormRowsAtOnce rows a call, their multipliers first
       const int64_t step = dropout ? kNormRowsAtOnce : end - begin;

@@ -43,8 +43,8 @@ constexpr int64_t kNormRowsAtOnce = 2;
   /* `rows` rows of add_layer_norm, row r at x + r * n (and residual, m, s, out; mean + r, rstd + r):    \
      s = residual + x * (m ? m : 1)  (stored as S),                                                            \
      mean = sum(s) / n,  rstd = 1 / sqrt(sum((s - mean)^2) / n + eps)  (of s as stored),                       \
-     out = (s - mean) * rstd * w + b.  s_buf: kNormRowsAtOnce * n values of scratch (unused when S == T,      \
-     unless streamed). */                                                                                       \
+     out = (s - mean) * rstd * w + b; with stream, out only is streamed (s stays cached: norm_rows.cpp).       \
+     s_buf: kNormRowsAtOnce * n values of scratch (unused when S == T). */                                      \
   void add_norm_rows(const S* x, const S* residual, const T* m, const T* w, const T* b, T eps, S* s, S* out,    \
                      T* s_buf, T* mean, T* rstd, int64_t n, int64_t rows, bool stream = false);                 \
   /* their backward, with xhat = (s - mean) * rstd, g = dy * w, rows at stride n as above:                    \
