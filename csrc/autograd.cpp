@@ -9,6 +9,7 @@
 //   add_layer_norm: (dresidual, dx, dweight, dbias) = add_layer_norm_backward(dout, ds, ...), dx = dresidual
 //                   without dropout; mean and rstd are outputs without a gradient.
 //   positional_encoding: dx = positional_encoding_backward(dy, scale)
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -63,6 +64,29 @@ c10::TypedOperatorHandle<decltype(cpu::native_attention_backward)> attention_bac
 
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
+
+// The backward ops' own autograd kernels are in Python (torch.library.register_autograd: a double
+// backward, or a clear error that there is none); they matter only where the backward is itself
+// recorded (create_graph=True: grad mode on inside it). Elsewhere the backward calls the op below
+// autograd, skipping ~25 us of Python a call.
+template <typename Call>
+auto call_backward_op(Call call) {
+  if (at::GradMode::is_enabled()) return call();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call();
+}
+
+// Whether a call goes through its autograd Function: grad mode on and an input that requires grad, or
+// an input with a forward-mode tangent (the Function raises for it: the C++ API has no jvp). The other
+// calls -- inference, no_grad, inputs without grad -- run the kernel directly: Function::apply builds a
+// graph node even when it is not kept, ~1 us of a call.
+template <typename... Tensors>
+bool needs_autograd(const Tensors&... inputs) {
+  return torch::autograd::compute_requires_grad(inputs...) || (has_tangent(inputs) || ...);
+}
+
 class ResidualAdd : public torch::autograd::Function<ResidualAdd> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual, double dropout_p,
@@ -79,7 +103,8 @@ class ResidualAdd : public torch::autograd::Function<ResidualAdd> {
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     at::Tensor dx = grad;
     if (dropout_p > 0.0 && grad.defined()) {
-      dx = residual_add_backward_op().call(grad, dropout_p, optional_of(ctx->get_saved_variables()[0]));
+      const at::Tensor seed = ctx->get_saved_variables()[0];
+      dx = call_backward_op([&] { return residual_add_backward_op().call(grad, dropout_p, optional_of(seed)); });
     }
     return {dx, grad, at::Tensor(), at::Tensor()};
   }
@@ -111,9 +136,10 @@ class AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     // needs_input_grad counts the tensor inputs only: x, residual, then weight and bias when given
     const bool need_dweight = weight.defined() && ctx->needs_input_grad(2);
     const bool need_dbias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight.defined() ? 3 : 2);
-    auto [dresidual, dx, dweight, dbias] =
-        add_layer_norm_backward_op().call(grad_out, optional_of(grad_s), s, mean, rstd, optional_of(weight),
-                                          need_dweight, need_dbias, dropout_p, optional_of(seed));
+    auto [dresidual, dx, dweight, dbias] = call_backward_op([&] {
+      return add_layer_norm_backward_op().call(grad_out, optional_of(grad_s), s, mean, rstd, optional_of(weight),
+                                               need_dweight, need_dbias, dropout_p, optional_of(seed));
+    });
     if (dropout_p == 0.0) dx = dresidual;
     return {dx,
             dresidual,
@@ -136,7 +162,10 @@ class PositionalEncoding : public torch::autograd::Function<PositionalEncoding> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor dx;
-    if (grads[0].defined()) dx = positional_encoding_backward_op().call(grads[0], ctx->saved_data["scale"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    if (grads[0].defined()) {
+      dx = call_backward_op([&] { return positional_encoding_backward_op().call(grads[0], scale); });
+    }
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -167,10 +196,12 @@ class NativeAttention : public torch::autograd::Function<NativeAttention> {
     if (!grads[0].defined()) return variable_list(8);
     // needs_input_grad counts the tensor inputs only: q, k, v, then the mask when given
     const bool mask_requires_grad = mask.defined() && mask.scalar_type() != at::kBool && ctx->needs_input_grad(3);
-    auto [dq, dk, dv, dmask] = attention_backward_op().call(
-        grads[0], q, k, v, out, lse, optional_of(mask), ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toDouble(), optional_of(seed), OptTensor(),
-        false, mask_requires_grad);
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
+    const bool is_causal = ctx->saved_data["is_causal"].toBool();
+    auto [dq, dk, dv, dmask] = call_backward_op([&] {
+      return attention_backward_op().call(grads[0], q, k, v, out, lse, optional_of(mask), dropout_p, is_causal, scale,
+                                          optional_of(seed), OptTensor(), false, mask_requires_grad);
+    });
     return {dq, dk, dv, mask_requires_grad ? dmask : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
@@ -180,22 +211,38 @@ std::tuple<at::Tensor, at::Tensor> native_attention_autograd(const at::Tensor& q
                                                              const at::Tensor& v, const OptTensor& attn_mask,
                                                              double dropout_p, bool is_causal, double scale,
                                                              const OptTensor& seed) {
+  if (!needs_autograd(q, k, v, attn_mask)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attention_forward_op().call(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
+  }
   auto outputs = NativeAttention::apply(q, k, v, attn_mask, dropout_p, is_causal, scale, seed);
   return {outputs[0], outputs[1]};
 }
 
 at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& offsets, int64_t offset, double scale,
                                         double base, bool batch_first) {
+  if (!needs_autograd(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
+  }
   return PositionalEncoding::apply(x, offsets, offset, scale, base, batch_first);
 }
 
 at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual, double dropout_p,
                                  const OptTensor& seed) {
+  if (!needs_autograd(x, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return residual_add_op().call(x, residual, dropout_p, seed);
+  }
   return ResidualAdd::apply(x, residual, dropout_p, seed);
 }
 
 Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,
                                 const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed) {
+  if (!needs_autograd(x, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return add_layer_norm_op().call(x, residual, weight, bias, eps, dropout_p, seed);
+  }
   auto outputs = AddLayerNorm::apply(x, residual, weight, bias, eps, dropout_p, seed);
   return {outputs[0], outputs[1], outputs[2], outputs[3]};
 }
