@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import fasttf
+from conftest import devices
 
 
 def _attention(q, k, v):
@@ -20,22 +21,29 @@ def _attention(q, k, v):
 
 
 def _cases():
-    """(name, function of the inputs returning a tensor, the inputs' shapes)."""
+    """(name, function of the inputs returning a tensor, the inputs' shapes, devices): the elementwise
+    ops' autograd is the C++ one on every device; attention's only on the CPU (CUDA runs Triton's)."""
     return [
-        ("residual_add", lambda x, r: fasttf.residual_add(x, r), [(2, 5, 8), (2, 5, 8)]),
-        ("add_layer_norm", lambda x, r, w, b: fasttf.add_layer_norm(x, r, w, b)[0], [(2, 5, 8), (2, 5, 8), (8,), (8,)]),
-        ("add_layer_norm s", lambda x, r, w, b: fasttf.add_layer_norm(x, r, w, b)[1], [(2, 5, 8), (2, 5, 8), (8,), (8,)]),
-        ("positional_encoding", lambda x: fasttf.positional_encoding(x), [(2, 5, 8)]),
-        ("attention", _attention, [(1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)]),
+        ("residual_add", lambda x, r: fasttf.residual_add(x, r), [(2, 5, 8), (2, 5, 8)], devices()),
+        ("add_layer_norm", lambda x, r, w, b: fasttf.add_layer_norm(x, r, w, b)[0], [(2, 5, 8), (2, 5, 8), (8,), (8,)],
+         devices()),
+        ("add_layer_norm s", lambda x, r, w, b: fasttf.add_layer_norm(x, r, w, b)[1],
+         [(2, 5, 8), (2, 5, 8), (8,), (8,)], devices()),
+        ("positional_encoding", lambda x: fasttf.positional_encoding(x), [(2, 5, 8)], devices()),
+        ("attention", _attention, [(1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)], ["cpu"]),
     ]
 
 
-CASES = _cases()
+CASES = [(name, function, shapes, device) for name, function, shapes, on in _cases() for device in on]
 
 
-def _inputs(shapes, requires_grad):
+def _id(case):
+    return f"{case[0]}-{case[3]}"
+
+
+def _inputs(shapes, requires_grad, device):
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(*shape, generator=generator).requires_grad_(requires_grad) for shape in shapes]
+    return [torch.randn(*shape, generator=generator).to(device).requires_grad_(requires_grad) for shape in shapes]
 
 
 @pytest.fixture(autouse=True)
@@ -43,31 +51,31 @@ def _native(monkeypatch):
     monkeypatch.setenv("FASTTF_CPU_ATTENTION", "native")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no input requires grad"])
 def test_calls_without_grad_record_no_graph(case, context):
-    _, function, shapes = case
-    expected = function(*_inputs(shapes, requires_grad=True))
+    _, function, shapes, device = case
+    expected = function(*_inputs(shapes, requires_grad=True, device=device))
     assert expected.requires_grad and expected.grad_fn is not None
     if context == "no_grad":
         with torch.no_grad():
-            out = function(*_inputs(shapes, requires_grad=True))
+            out = function(*_inputs(shapes, requires_grad=True, device=device))
     elif context == "inference_mode":
         with torch.inference_mode():
-            out = function(*_inputs(shapes, requires_grad=True))
+            out = function(*_inputs(shapes, requires_grad=True, device=device))
         assert out.is_inference()
     else:
-        out = function(*_inputs(shapes, requires_grad=False))
+        out = function(*_inputs(shapes, requires_grad=False, device=device))
     assert not out.requires_grad and out.grad_fn is None
     torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", CASES, ids=_id)
 def test_one_input_requiring_grad_records_the_graph(case):
-    _, function, shapes = case
-    every = _inputs(shapes, requires_grad=True)
+    _, function, shapes, device = case
+    every = _inputs(shapes, requires_grad=True, device=device)
     (expected,) = torch.autograd.grad(function(*every).square().sum(), every[0])
-    inputs = _inputs(shapes, requires_grad=False)
+    inputs = _inputs(shapes, requires_grad=False, device=device)
     inputs[0].requires_grad_(True)  # the first only: x, the query
     out = function(*inputs)
     assert out.requires_grad
@@ -76,10 +84,10 @@ def test_one_input_requiring_grad_records_the_graph(case):
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", CASES, ids=_id)
 def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(case):
-    _, function, shapes = case
-    inputs = _inputs(shapes, requires_grad=False)
+    _, function, shapes, device = case
+    inputs = _inputs(shapes, requires_grad=False, device=device)
     with fwAD.dual_level():
         inputs[0] = fwAD.make_dual(inputs[0], torch.ones_like(inputs[0]))
         with pytest.raises(RuntimeError, match="jvp"):
