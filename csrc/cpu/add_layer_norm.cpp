@@ -8,7 +8,7 @@
 //   dweight   = sum_rows dout * xhat,   dbias = sum_rows dout
 // dweight/dbias: a partial sum per fixed block of kRowsPerBlock rows, then the partials are added
 // in block order, so the result does not depend on the number of threads.
-// The row passes are in row_math.cpp: per row, the forward reads x and residual once and writes s
+// The row passes are in norm_rows.cpp: per row, the forward reads x and residual once and writes s
 // and out (the statistics come from s in L1), the backward reads dy and s once and writes
 // dresidual (and dx with dropout); see row_math.h for the vectorisation.
 #include <ATen/Parallel.h>
