@@ -137,6 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    batch_first);
   }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("in_proj_weight"), py::arg("in_proj_bias"),
      py::arg("out_proj_weight"), py::arg("out_proj_bias"), py::arg("num_heads"), py::arg("batch_first"));
+  // fasttf.scaled_dot_product_attention's common eager CPU call (no dropout), or None (sdpa_fast_path.cpp)
+  m.def("native_sdpa_or_none", &fasttf::native_sdpa_or_none, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("enable_gqa"));
   // For tests and reports: the dtype the CPU attention kernel's block products read inputs of a dtype in.
   m.def("_cpu_attention_operand_dtype", &fasttf::cpu::native_attention_operand_type, py::arg("dtype"));
   // For tests and reports: whether float32 block products run on the AVX2 micro-kernel (attention_panels.cpp).

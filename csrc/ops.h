@@ -77,4 +77,9 @@ FASTTF_DECLARE_OPS
 }  // namespace cuda
 #endif
 
+// fasttf.scaled_dot_product_attention's eager call on CPU tensors without dropout, or None where the
+// Python path must take it (sdpa_fast_path.cpp).
+py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle value, py::handle attn_mask,
+                               py::handle dropout_p, py::handle is_causal, py::handle scale, py::handle enable_gqa);
+
 }  // namespace fasttf

@@ -352,7 +352,9 @@ def test_forward_with_weights_in_one_kernel_matches_the_two(dtype, is_causal, av
 
 
 def test_native_ran(monkeypatch):
-    """The public function runs the C++ kernel, handing it the caller's mask (never expanded or copied)."""
+    """The public function's Python path runs the C++ kernel, handing it the caller's mask (never expanded
+    or copied); its C++ entry for the common call does the same (test_attention_fast_path.py)."""
+    monkeypatch.setattr(attention_op, "_native_sdpa_or_none", None)
     calls = []
     forward = attention_cpu.attention_forward
     monkeypatch.setattr(attention_cpu, "attention_forward", lambda *args: calls.append(args) or forward(*args))

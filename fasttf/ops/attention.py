@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from fasttf import reference
+from fasttf import _extension, reference
 from fasttf._checks import SecondOrderError, check_same_device, check_tensor, no_second_order  # noqa: F401
 from fasttf._fallback import fall_back
 from fasttf.kernels import attention as _kernels
@@ -37,6 +37,9 @@ from fasttf.ops import attention_cpu as _cpu  # the C++ CPU kernel and FASTTF_CP
 OP = "scaled_dot_product_attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# The common eager CPU call (no dropout) checked and run in C++, or None for the Python path below
+# (csrc/sdpa_fast_path.cpp: ~8 us of Python less a call, as much as a decode step's kernel takes).
+_native_sdpa_or_none = getattr(_extension._C, "native_sdpa_or_none", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +384,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     top-left aligned. A row with every key masked gives 0 (and zero gradients). Differentiable in
     query, key, value and a float attn_mask (its gradient summed over the dims it was broadcast along).
     """
+    if _native_sdpa_or_none is not None and not torch.compiler.is_compiling():
+        out = _native_sdpa_or_none(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     native = _cpu.runs_native(query)  # read once a call (FASTTF_CPU_ATTENTION)
     scale, fallback = _scale_and_fallback(query, value, scale, native)
