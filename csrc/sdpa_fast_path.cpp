@@ -1,4 +1,4 @@
-// fasttf.scaled_dot_product_attention's eager entry for the common CPU call, in C++.
+// fasttf.scaled_dot_product_attention's eager entry for CPU calls, in C++.
 //
 // The Python function checks its arguments (with messages naming each one), reads
 // FASTTF_CPU_ATTENTION, works out the default scale and calls the C++ kernel: ~8 us of Python a
@@ -11,11 +11,13 @@
 //       one batch size, key and value heads equal (and query's, or a multiple with enable_gqa),
 //       key's head dim query's, value's length key's;
 //   attn_mask: None, or a CPU tensor of dtype bool or query's dtype that broadcasts to the scores;
-//   dropout_p 0 (dropout draws its seed in Python), is_causal and enable_gqa bools, scale None or a
+//   dropout_p a float in [0, 1] (or the int 0), is_causal and enable_gqa bools, scale None or a
 //   float; FASTTF_CPU_ATTENTION unset or "native".
 //
-// It then runs what the Python path runs: native_attention_forward through the dispatcher (autograd
-// included), scale 1 / sqrt(E) by default, 3-D inputs as a batch of one.
+// It then runs what the Python path runs: with dropout, a seed drawn from torch's default CPU
+// generator as draw_dropout_seed draws it (the same call of randint, so torch.manual_seed replays
+// both alike); native_attention_forward through the dispatcher (autograd included); scale
+// 1 / sqrt(E) by default; 3-D inputs as a batch of one.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -65,10 +67,15 @@ py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle valu
   if (!attn_mask.is_none() && (mask = tensor_of(attn_mask.ptr())) == nullptr) return none;
   // scalars of the exact types the Python path turns into the same values
   int overflow = 0;
-  const bool p_zero = (PyFloat_Check(dropout_p.ptr()) && PyFloat_AS_DOUBLE(dropout_p.ptr()) == 0.0) ||
-                      (PyLong_CheckExact(dropout_p.ptr()) &&
-                       PyLong_AsLongAndOverflow(dropout_p.ptr(), &overflow) == 0 && overflow == 0);
-  if (!p_zero || !PyBool_Check(is_causal.ptr()) || !PyBool_Check(enable_gqa.ptr())) return none;
+  double p = 0.0;
+  if (PyFloat_Check(dropout_p.ptr())) {
+    p = PyFloat_AS_DOUBLE(dropout_p.ptr());
+  } else if (!PyLong_CheckExact(dropout_p.ptr()) || PyLong_AsLongAndOverflow(dropout_p.ptr(), &overflow) != 0 ||
+             overflow != 0) {
+    return none;
+  }
+  if (!(p >= 0.0 && p <= 1.0)) return none;  // NaN too
+  if (!PyBool_Check(is_causal.ptr()) || !PyBool_Check(enable_gqa.ptr())) return none;
   if (!scale.is_none() && !PyFloat_Check(scale.ptr())) return none;
   if (!runs_native_kernel()) return none;
 
@@ -98,11 +105,11 @@ py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle valu
   const bool causal = is_causal.ptr() == Py_True;
   static const auto op = dispatcher_op<decltype(cpu::native_attention_forward)>("fasttf::native_attention_forward");
   const OptTensor mask_arg = mask != nullptr ? OptTensor(*mask) : OptTensor();
-  if (rank == 4) {
-    return py::cast(std::get<0>(op.call(*q, *k, *v, mask_arg, 0.0, causal, softmax_scale, std::nullopt)));
-  }
-  const auto out = std::get<0>(op.call(q->unsqueeze(0), k->unsqueeze(0), v->unsqueeze(0), mask_arg, 0.0, causal,
-                                       softmax_scale, std::nullopt));
+  OptTensor seed;
+  if (p > 0.0) seed = at::randint(0, int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong).device(q->device()));
+  if (rank == 4) return py::cast(std::get<0>(op.call(*q, *k, *v, mask_arg, p, causal, softmax_scale, seed)));
+  const auto out = std::get<0>(op.call(q->unsqueeze(0), k->unsqueeze(0), v->unsqueeze(0), mask_arg, p, causal,
+                                       softmax_scale, seed));
   return py::cast(out.squeeze(0));
 }
 

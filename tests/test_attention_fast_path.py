@@ -1,11 +1,13 @@
-"""fasttf.scaled_dot_product_attention's eager entry in C++ (csrc/sdpa_fast_path.cpp): the common CPU
-call (no dropout) checked and run without the Python path, every other call left to it.
+"""fasttf.scaled_dot_product_attention's eager entry in C++ (csrc/sdpa_fast_path.cpp): the CPU calls
+it recognises checked and run without the Python path, every other call left to it.
 
 Each call below runs twice, through the entry and with the entry switched off (the Python path
-alone), and must give the same bits -- output and gradients -- or the same error, type and message.
+alone), and must give the same bits -- output and gradients -- or the same error, type and message;
+calls with dropout from the same torch.manual_seed (both draw the seed from torch's generator).
 """
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -38,11 +40,12 @@ class OpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def run(call, monkeypatch, fast):
-    """call() with the C++ entry on or off: (outputs, None) or (None, (error type, message))."""
+def run(call, monkeypatch, fast, seed=7):
+    """call() with the C++ entry on or off, from `seed`: (outputs, None) or (None, (error type, message))."""
     with monkeypatch.context() as patch:
         if not fast:
             patch.setattr(attention_op, "_native_sdpa_or_none", None)
+        torch.manual_seed(seed)
         try:
             return call(), None
         except Exception as error:  # noqa: BLE001  (compared between the two paths)
@@ -68,7 +71,8 @@ MASKS = {
 @pytest.mark.parametrize("mask_kind", list(MASKS))
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_the_entry_gives_the_python_paths_bits(monkeypatch, dtype, rank, mask_kind, is_causal):
-    for scale, dropout_p in ((None, 0.0), (0.3, 0)):
+    seed = zlib.crc32(repr((dtype, rank, mask_kind, is_causal)).encode())  # a seed a case: every bit matters
+    for scale, dropout_p in ((None, 0.0), (0.3, 0), (None, 0.4), (0.5, 1.0)):
         query, key, value = inputs(dtype, rank, requires_grad=True)
         mask = MASKS[mask_kind](query)
         if mask is not None and rank == 3 and mask.dim() == 4:
@@ -79,6 +83,13 @@ def test_the_entry_gives_the_python_paths_bits(monkeypatch, dtype, rank, mask_ki
         with torch.no_grad():  # the entry takes it
             assert _extension._C.native_sdpa_or_none(query, key, value, mask, dropout_p, is_causal, scale,
                                                      True) is not None
+            if dropout_p > 0:  # and draws one seed from the generator, as draw_dropout_seed
+                torch.manual_seed(7)
+                _extension._C.native_sdpa_or_none(query, key, value, mask, dropout_p, is_causal, scale, True)
+                after_the_call = torch.randint(0, 2**62, (1,))
+                torch.manual_seed(7)
+                attention_op.draw_dropout_seed(query.device)
+                assert torch.equal(after_the_call, torch.randint(0, 2**62, (1,)))
         grad_out = torch.randn(*query.shape[:-1], value.size(-1), dtype=dtype)
 
         def call():
@@ -86,8 +97,8 @@ def test_the_entry_gives_the_python_paths_bits(monkeypatch, dtype, rank, mask_ki
                                                       enable_gqa=True)
             return (out, out.stride(), *torch.autograd.grad(out, leaves, grad_out))
 
-        mine, error = run(call, monkeypatch, fast=True)
-        theirs, their_error = run(call, monkeypatch, fast=False)
+        mine, error = run(call, monkeypatch, fast=True, seed=seed)
+        theirs, their_error = run(call, monkeypatch, fast=False, seed=seed)
         assert error is None and their_error is None, (error, their_error)
         assert mine[1] == theirs[1]
         for a, b in zip(mine[:1] + mine[2:], theirs[:1] + theirs[2:], strict=True):
@@ -106,9 +117,12 @@ def test_the_entry_takes_the_common_call_and_hands_the_kernel_the_callers_mask(m
     kernels = [args for func, args in recorded.calls if func is torch.ops.fasttf.native_attention_forward.default]
     assert len(kernels) == 1 and kernels[0][3] is mask and kernels[0][6] == 1.0 / math.sqrt(8)
     assert out.shape == (2, 4, 5, 6)
-    # dropout draws its seed in Python: the Python path takes it, and runs the same kernel
-    fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.2, enable_gqa=True)
-    assert len(python_path) == 1 and python_path[0][3] is mask and python_path[0][4] == 0.2
+    # a call the entry leaves to Python (3-D mask of another float dtype) runs the same kernel there
+    mask64 = mask.double()
+    with pytest.raises(RuntimeError, match="attn_mask of dtype bool or query's dtype"):
+        fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask64, enable_gqa=True)
+    fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=torch.tensor(0.2), enable_gqa=True)
+    assert len(python_path) == 1 and python_path[0][3] is mask and python_path[0][4] == pytest.approx(0.2)
 
 
 def case(**changes):
@@ -121,9 +135,11 @@ def case(**changes):
 
 
 LEFT_TO_PYTHON = {  # each must come back None from the entry: the Python path decides
-    "dropout": dict(dropout_p=0.1),
     "dropout_p a tensor": dict(dropout_p=torch.tensor(0.0)),
+    "dropout_p an int 1": dict(dropout_p=1),
     "dropout_p out of range": dict(dropout_p=-0.5),
+    "dropout_p past 1": dict(dropout_p=1.5),
+    "dropout_p NaN": dict(dropout_p=float("nan")),
     "is_causal an int": dict(is_causal=1),
     "enable_gqa an int": dict(enable_gqa=1),
     "scale an int": dict(scale=1),
@@ -160,7 +176,7 @@ def test_the_entry_leaves_every_other_call_to_the_python_path(monkeypatch, name)
     mine, error = run(lambda: fasttf.scaled_dot_product_attention(**arguments), monkeypatch, fast=True)
     theirs, their_error = run(lambda: fasttf.scaled_dot_product_attention(**arguments), monkeypatch, fast=False)
     assert error == their_error
-    if error is None and name != "dropout":  # dropout draws a new seed each call
+    if error is None:
         assert torch.equal(mine, theirs)
 
 

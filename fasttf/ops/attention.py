@@ -37,8 +37,9 @@ from fasttf.ops import attention_cpu as _cpu  # the C++ CPU kernel and FASTTF_CP
 OP = "scaled_dot_product_attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-# The common eager CPU call (no dropout) checked and run in C++, or None for the Python path below
-# (csrc/sdpa_fast_path.cpp: ~8 us of Python less a call, as much as a decode step's kernel takes).
+# An eager CPU call checked and run in C++, or None for the Python path below, which takes every call
+# the entry does not recognise, errors included (csrc/sdpa_fast_path.cpp: ~8 us of Python less a call,
+# as much as a decode step's kernel takes).
 _native_sdpa_or_none = getattr(_extension._C, "native_sdpa_or_none", None)
 
 
