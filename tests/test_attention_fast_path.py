@@ -117,10 +117,10 @@ def test_the_entry_takes_the_common_call_and_hands_the_kernel_the_callers_mask(m
     kernels = [args for func, args in recorded.calls if func is torch.ops.fasttf.native_attention_forward.default]
     assert len(kernels) == 1 and kernels[0][3] is mask and kernels[0][6] == 1.0 / math.sqrt(8)
     assert out.shape == (2, 4, 5, 6)
-    # a call the entry leaves to Python (3-D mask of another float dtype) runs the same kernel there
-    mask64 = mask.double()
+    # the calls the entry leaves to Python: there a bad one raises, naming the argument, and another
+    # (dropout_p a tensor) runs the same kernel
     with pytest.raises(RuntimeError, match="attn_mask of dtype bool or query's dtype"):
-        fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask64, enable_gqa=True)
+        fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask.double(), enable_gqa=True)
     fasttf.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=torch.tensor(0.2), enable_gqa=True)
     assert len(python_path) == 1 and python_path[0][3] is mask and python_path[0][4] == pytest.approx(0.2)
 
