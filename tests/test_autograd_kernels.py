@@ -14,10 +14,15 @@ import torch.autograd.forward_ad as fwAD
 
 import fasttf
 from conftest import devices
+from fasttf.ops.attention import attention_with_weights
 
 
 def _attention(q, k, v):
     return fasttf.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_weights(q, k, v):  # a Python autograd.Function where a graph is recorded, else the kernel
+    return attention_with_weights(q, k, v)[1]
 
 
 def _cases():
@@ -31,6 +36,7 @@ def _cases():
          [(2, 5, 8), (2, 5, 8), (8,), (8,)], devices()),
         ("positional_encoding", lambda x: fasttf.positional_encoding(x), [(2, 5, 8)], devices()),
         ("attention", _attention, [(1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)], ["cpu"]),
+        ("attention weights", _attention_weights, [(1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)], ["cpu"]),
     ]
 
 

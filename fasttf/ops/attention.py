@@ -456,9 +456,13 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if query.dim() != 4:
         raise RuntimeError(f"fasttf.{OP}: attention_with_weights expects 4-D (N, H, L, E) inputs, got {query.dim()}-D")
-    scale, fallback = _scale_and_fallback(query, value, scale, _cpu.runs_native(query))
+    native = _cpu.runs_native(query)  # read once a call (FASTTF_CPU_ATTENTION)
+    scale, fallback = _scale_and_fallback(query, value, scale, native)
     if fallback:
         return _plain_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, average_heads)
     seed = draw_dropout_seed(query.device) if dropout_p > 0.0 else None
-    return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
-                                       seed, bool(average_heads))
+    arguments = (query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale), seed)
+    if native and not torch.compiler.is_compiling() and not _cpu.records_autograd(query, key, value, attn_mask):
+        out, _, weights = _cpu.attention_forward_weights(*arguments, bool(average_heads))  # inference: ~30 us less
+        return out, weights
+    return _AttentionWithWeights.apply(*arguments, bool(average_heads))
