@@ -7,7 +7,8 @@ user has today, timed interleaved with it:
                            a (N, 1, 1, S) bool padding mask
     SDPA small training    the same, forward+backward, (N, H, L, E) = (2, 2, 8, 16)
     MultiheadAttention     fasttf.MultiheadAttention vs nn.MultiheadAttention, eval, no_grad,
-      inference            need_weights=False (torch takes its fused C++ fast path there), D = 512,
+      inference            need_weights=False (torch takes its fused C++ fast path there) and True
+                           (the modules' default: torch's Python path, fasttf's weights kernel), D = 512,
                            H = 8, self-attention over (N, L) tokens
     greedy decode          fasttf.models.Transformer(backend="fasttf") vs backend="torch", same weights,
                            d_model 128, 8 heads, 2 + 2 layers, 16 source words, 24 words decoded with
@@ -74,8 +75,9 @@ def mha_cases():
 
 
 @pytest.mark.parametrize("impl", ("fasttf", "torch"))
+@pytest.mark.parametrize("need_weights", (False, True), ids=("", "weights"))
 @pytest.mark.parametrize("case", mha_cases(), ids=lambda c: f"N{c[0]}-L{c[1]}")
-def test_multihead_attention_inference(benchmark, case, impl):
+def test_multihead_attention_inference(benchmark, case, need_weights, impl):
     batch, length = case
     dim = 64 if TINY else 512
     torch.manual_seed(0)
@@ -86,11 +88,12 @@ def test_multihead_attention_inference(benchmark, case, impl):
     def call(module):
         def run():
             with torch.no_grad():
-                return module(x, x, x, need_weights=False)[0]
+                return module(x, x, x, need_weights=need_weights)
         return run
 
     measure(benchmark, call(modules[impl]), group=f"small calls: MultiheadAttention inference float32 N={batch} "
-                                                  f"L={length} D={dim} H=8",
+                                                  f"L={length} D={dim} H=8"
+                                                  f"{' with weights (need_weights=True)' if need_weights else ''}",
             impl=impl, eager_twin=impl == "torch", twin=call(torch_module) if impl == "fasttf" else None,
             op="MultiheadAttention inference", mode="fwd", dtype=dtype_name(torch.float32), batch=batch,
             seq_len=length, dim=dim)
