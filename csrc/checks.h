@@ -50,10 +50,25 @@ inline void check_same_shape(const char* op, const at::Tensor& a, const char* a_
               a_name, " ", shape_str(a.sizes()), ", got ", shape_str(b.sizes()));
 }
 
+// The dtypes the kernels take.
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 inline void check_floating(const char* op, const at::Tensor& a, const char* a_name) {
   const auto t = a.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "fasttf.", op,
-              ": expected ", a_name, " to be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(is_kernel_float(t), "fasttf.", op, ": expected ", a_name,
+              " to be float32, float64, float16 or bfloat16, got ", t);
+}
+
+// Whether a tensor of `sizes` broadcasts to `target` (each trailing size equal or 1).
+inline bool broadcasts_to(at::IntArrayRef sizes, at::IntArrayRef target) {
+  if (sizes.size() > target.size()) return false;
+  for (size_t d = 1; d <= sizes.size(); ++d) {
+    const int64_t size = sizes[sizes.size() - d];
+    if (size != 1 && size != target[target.size() - d]) return false;
+  }
+  return true;
 }
 
 }  // namespace fasttf

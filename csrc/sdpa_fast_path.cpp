@@ -25,14 +25,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace fasttf {
 namespace {
-
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 // The tensor `object` holds, or nullptr for any other object.
 const at::Tensor* tensor_of(PyObject* object) {
@@ -42,16 +39,6 @@ const at::Tensor* tensor_of(PyObject* object) {
 bool runs_native_kernel() {
   const char* choice = std::getenv("FASTTF_CPU_ATTENTION");  // os.environ's changes reach it (putenv)
   return choice == nullptr || std::strcmp(choice, "native") == 0;
-}
-
-// Whether a mask of these sizes broadcasts to the scores' sizes (as fasttf.ops.attention._broadcasts_to).
-bool broadcasts_to(at::IntArrayRef mask, at::IntArrayRef scores) {
-  if (mask.size() > scores.size()) return false;
-  for (size_t d = 1; d <= mask.size(); ++d) {
-    const int64_t size = mask[mask.size() - d];
-    if (size != 1 && size != scores[scores.size() - d]) return false;
-  }
-  return true;
 }
 
 }  // namespace
@@ -80,7 +67,7 @@ py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle valu
   if (!runs_native_kernel()) return none;
 
   const auto dtype = q->scalar_type();
-  if (!q->is_cpu() || !k->is_cpu() || !v->is_cpu() || !is_float_dtype(dtype) || k->scalar_type() != dtype ||
+  if (!q->is_cpu() || !k->is_cpu() || !v->is_cpu() || !is_kernel_float(dtype) || k->scalar_type() != dtype ||
       v->scalar_type() != dtype) {
     return none;
   }

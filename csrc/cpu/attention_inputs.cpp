@@ -40,11 +40,8 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
     TORCH_CHECK(m.dim() <= 4, "fasttf.", op, ": attn_mask of shape ", shape_str(m.sizes()),
                 " does not broadcast to the scores");
     const int64_t full[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
-    for (int64_t d = 0; d < m.dim(); ++d) {
-      const int64_t size = m.size(m.dim() - 1 - d), want = full[3 - d];
-      TORCH_CHECK(size == want || size == 1, "fasttf.", op, ": attn_mask of shape ", shape_str(m.sizes()),
-                  " does not broadcast to the scores' shape ", shape_str(at::IntArrayRef(full, 4)));
-    }
+    TORCH_CHECK(broadcasts_to(m.sizes(), at::IntArrayRef(full, 4)), "fasttf.", op, ": attn_mask of shape ",
+                shape_str(m.sizes()), " does not broadcast to the scores' shape ", shape_str(at::IntArrayRef(full, 4)));
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "fasttf.", op, ": expected dropout_p in [0, 1], got ",
               float_str(dropout_p));
