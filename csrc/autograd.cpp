@@ -249,10 +249,6 @@ Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual,
 
 }  // namespace
 
-bool records_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask) {
-  return needs_autograd(q, k, v, attn_mask);
-}
-
 TORCH_LIBRARY_IMPL(fasttf, Autograd, m) {
   m.impl("residual_add", &residual_add_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);

@@ -137,8 +137,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    batch_first);
   }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("in_proj_weight"), py::arg("in_proj_bias"),
      py::arg("out_proj_weight"), py::arg("out_proj_bias"), py::arg("num_heads"), py::arg("batch_first"));
-  m.def("_records_autograd", &fasttf::records_autograd, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("attn_mask"));
   // fasttf.scaled_dot_product_attention's eager CPU call, or None (sdpa_fast_path.cpp)
   m.def("native_sdpa_or_none", &fasttf::native_sdpa_or_none, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("enable_gqa"));

@@ -77,9 +77,6 @@ FASTTF_DECLARE_OPS
 }  // namespace cuda
 #endif
 
-// Whether an attention call on these inputs records a graph or carries a forward-mode tangent: what a
-// Python caller asks before running a kernel without its autograd Function (autograd.cpp).
-bool records_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask);
 // fasttf.scaled_dot_product_attention's eager call on CPU tensors, or None where the Python path must
 // take it (sdpa_fast_path.cpp).
 py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle value, py::handle attn_mask,

@@ -12,6 +12,8 @@
   large enough to overflow a careless backward (flash-attention's bwd overflow test).
 - A float mask of finfo.min (transformers' way of masking) attends like torch: uniformly where a
   whole row carries it, on both kernels; a NaN in it makes its row NaN, as in torch.
+- Forward-mode AD (dual inputs): no kernel has a jvp, so every path raises rather than return an
+  output whose tangent went missing (torch.func.jvp users get an error, not a zero derivative).
 """
 
 import math
@@ -21,12 +23,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 import fasttf
 from fasttf import reference
 from fasttf.kernels import attention_backward as backward_kernels
 from fasttf.kernels import attention_common as common
 from fasttf.kernels import attention_forward as forward_kernels
+from fasttf.ops.attention import attention_with_weights
 from fasttf.testing import assert_close_to_reference
 
 from conftest import kernel_device
@@ -296,3 +300,15 @@ def test_tiles_named_in_the_env_skip_the_head_dim_pruning(monkeypatch):
     assert common.prune_for("bwd") is common.prune
     monkeypatch.setattr(common, "AUTOTUNE", False)
     assert common.prune_for("fwd")(wide, args) == wide[:1]
+
+
+@pytest.mark.parametrize("mode", ["inference", "no input requires grad"])
+def test_a_forward_mode_tangent_raises_instead_of_being_dropped(attention_backend, mode):
+    device = kernel_device()
+    query, key, value = (torch.randn(1, 2, 4, 16, device=device) for _ in range(3))
+    with forward_ad.dual_level(), torch.set_grad_enabled(mode != "inference"):
+        dual = forward_ad.make_dual(query, torch.ones_like(query))
+        for call in (lambda: fasttf.scaled_dot_product_attention(dual, key, value),
+                     lambda: attention_with_weights(dual, key, value)):
+            with pytest.raises(RuntimeError, match="jvp"):
+                call()

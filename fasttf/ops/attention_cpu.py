@@ -83,12 +83,6 @@ def attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, s
     return ops.native_attention_weights(query, key, lse, attn_mask, dropout_p, is_causal, scale, seed, average_heads)
 
 
-def records_autograd(query, key, value, attn_mask) -> bool:
-    """Whether a call on these inputs records a graph (grad mode on, an input requiring grad) or carries
-    a forward-mode tangent: a kernel run without its autograd Function would drop either silently."""
-    return _extension.require("scaled_dot_product_attention")._records_autograd(query, key, value, attn_mask)
-
-
 def attention_forward_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, average_heads):
     """(out, lse, weights): attention_forward then attention_weights in one kernel, which keeps a query
     block's scores over all keys instead of computing Q K^T again for the weights."""
