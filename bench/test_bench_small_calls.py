@@ -8,9 +8,9 @@ user has today, timed interleaved with it:
     SDPA small training    the same, forward+backward, (N, H, L, E) = (2, 2, 8, 16)
     MultiheadAttention     fasttf.MultiheadAttention vs nn.MultiheadAttention, eval, no_grad,
       inference            need_weights=False and True (the modules' default; torch's fused C++ fast
-                           path, torch._native_multi_head_attention, takes both; fasttf's one-op call only
-                           the first, its Python path with the weights kernel the second), D = 512,
-                           H = 8, self-attention over (N, L) tokens
+                           path, torch._native_multi_head_attention, takes both, and so does fasttf's
+                           one-op call, fasttf::native_multi_head_attention), D = 512, H = 8,
+                           self-attention over (N, L) tokens
     greedy decode          fasttf.models.Transformer(backend="fasttf") vs backend="torch", same weights,
                            d_model 128, 8 heads, 2 + 2 layers, 16 source words, 24 words decoded with
                            the key/value cache

@@ -66,13 +66,13 @@ def kernel_calls(monkeypatch):
     one_op = attention_op.native_multi_head_attention  # fasttf.MultiheadAttention's inference call, whole
 
     def spy_one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                   batch_first):
+                   batch_first, need_weights=False, average_attn_weights=True):
         length = 1 if batch_first else 0
         calls.append(dict(query=query, key=key, value=value, attn_mask=None, is_causal=False, dropout_p=0.0,
                           length_q=query.size(length), length_k=key.size(length), heads=num_heads,
-                          heads_kv=num_heads, weights=False, one_op=True))
+                          heads_kv=num_heads, weights=need_weights, one_op=True))
         return one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                      batch_first)
+                      batch_first, need_weights, average_attn_weights)
 
     monkeypatch.setattr(attention_op, "native_multi_head_attention", spy_one_op)
     return calls

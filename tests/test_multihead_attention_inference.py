@@ -1,10 +1,12 @@
 """fasttf.MultiheadAttention's inference call in one C++ op (fasttf::native_multi_head_attention):
-taken under no_grad / inference_mode for plain calls on the CPU kernel, with the very bits of the
-module's Python path (fasttf.multi_head_attention_forward), and left alone by every other call."""
+taken where nothing records a gradient, for plain calls on the CPU kernel with or without the
+weights, with the very bits of the module's Python path (fasttf.multi_head_attention_forward), and
+left alone by every other call."""
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 import fasttf
 from fasttf.multihead_attention import _multi_head_attention_forward
@@ -26,14 +28,15 @@ def one_op_calls(monkeypatch):
     return calls
 
 
-def python_path(module, query, key, value):
-    """The module's own Python path for the same call (what forward runs when the one op is not taken)."""
+def python_path(module, query, key, value, need_weights=False, average_attn_weights=True):
+    """The module's own Python path for the same call (what forward runs when the one op is not
+    taken): (out, weights or None)."""
     return _multi_head_attention_forward(
         query, key, value, module.embed_dim, module.num_heads, module.in_proj_weight, module.in_proj_bias,
         module.bias_k, module.bias_v, module.add_zero_attn, module.dropout, module.out_proj.weight,
-        module.out_proj.bias, module.training, None, False, None, not module._qkv_same_embed_dim,
-        module.q_proj_weight, module.k_proj_weight, module.v_proj_weight, None, None, True, False,
-        batch_first=module.batch_first, stacklevel=2)[0]
+        module.out_proj.bias, module.training, None, need_weights, None, not module._qkv_same_embed_dim,
+        module.q_proj_weight, module.k_proj_weight, module.v_proj_weight, None, None, average_attn_weights, False,
+        batch_first=module.batch_first, stacklevel=2)
 
 
 def inputs(kind, batch_first, dtype, embed_dim=16):
@@ -49,37 +52,79 @@ def inputs(kind, batch_first, dtype, embed_dim=16):
     return x, sequence(source), sequence(source)  # three tensors
 
 
+WEIGHTS = {"no weights": dict(need_weights=False), "weights": dict(need_weights=True),
+           "per-head weights": dict(need_weights=True, average_attn_weights=False)}
+
+
 @pytest.mark.parametrize("kind", ["self", "cross", "three"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
-def test_one_op_gives_the_python_paths_bits(one_op_calls, kind, batch_first, dtype, grad_mode):
+@pytest.mark.parametrize("weights_asked", WEIGHTS, ids=list(WEIGHTS))
+def test_one_op_gives_the_python_paths_bits(one_op_calls, kind, batch_first, dtype, grad_mode, weights_asked):
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(16, 4, batch_first=batch_first, dtype=dtype).eval()
     ours = fasttf.MultiheadAttention.from_torch(theirs)
     query, key, value = inputs(kind, batch_first, dtype)
+    options = WEIGHTS[weights_asked]
     with grad_mode():
-        got, weights = ours(query, key, value, need_weights=False)
-        expected = python_path(ours, query, key, value)
-        baseline = theirs(query, key, value, need_weights=False)[0]
-    assert len(one_op_calls) == 1 and weights is None
+        got, weights = ours(query, key, value, **options)
+        expected, expected_weights = python_path(ours, query, key, value, **options)
+        baseline, baseline_weights = theirs(query, key, value, **options)
+    assert len(one_op_calls) == 1
     assert got.shape == expected.shape == baseline.shape and got.dtype == dtype
     assert torch.equal(got, expected)
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(got, baseline, rtol=tolerance, atol=tolerance)
+    if not options["need_weights"]:
+        assert weights is None and expected_weights is None
+        return
+    batch, length, source = 3, 5, (5 if kind == "self" else 7)
+    assert weights.shape == baseline_weights.shape == ((batch, length, source) if options.get("average_attn_weights",
+                                                       True) else (batch, 4, length, source))
+    assert weights.dtype == dtype and torch.equal(weights, expected_weights)
+    torch.testing.assert_close(weights, baseline_weights, rtol=tolerance, atol=tolerance)
+    assert torch.allclose(weights.double().sum(-1), torch.ones((), dtype=torch.float64), atol=tolerance * 4)
 
 
 def test_training_without_dropout_under_no_grad_takes_it(one_op_calls):
     ours = fasttf.MultiheadAttention(8, 2, dropout=0.0).train()
     x = torch.randn(4, 2, 8)
     with torch.no_grad():
-        assert torch.equal(ours(x, x, x, need_weights=False)[0], python_path(ours, x, x, x))
+        got, weights = ours(x, x, x)
+        expected, expected_weights = python_path(ours, x, x, x, need_weights=True)
+    assert torch.equal(got, expected) and torch.equal(weights, expected_weights)
     assert len(one_op_calls) == 1
+
+
+def test_a_frozen_module_takes_it_in_grad_mode(one_op_calls):
+    """With grad mode on but nothing requiring a gradient, nothing is recorded either way: one op."""
+    ours = fasttf.MultiheadAttention(8, 2, batch_first=True).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 8)
+    got, weights = ours(x, x, x)
+    with torch.no_grad():
+        expected, expected_weights = python_path(ours, x, x, x, need_weights=True)
+    assert torch.equal(got, expected) and torch.equal(weights, expected_weights)
+    assert len(one_op_calls) == 1 and got.grad_fn is None
+    ours.in_proj_weight.requires_grad_(True)  # now something is recorded: the Python path
+    assert ours(x, x, x)[0].grad_fn is not None and len(one_op_calls) == 1
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_a_forward_mode_tangent_raises_instead_of_being_dropped(one_op_calls, need_weights):
+    """The op has no autograd: a dual input (forward-mode AD runs under no_grad too) takes the
+    Python path, whose kernels raise for it, never an output without its tangent."""
+    ours = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises((RuntimeError, NotImplementedError), match="jvp"):
+            ours(dual, dual, dual, need_weights=need_weights)
+    assert one_op_calls == []
 
 
 CALLS_IT_LEAVES = {
     "grad enabled": dict(),
-    "need_weights": dict(need_weights=True),
     "attn_mask": dict(attn_mask=torch.zeros(5, 5)),
     "key_padding_mask": dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool)),
     "is_causal": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=True),
@@ -114,13 +159,16 @@ def test_every_other_call_keeps_the_python_path(one_op_calls, monkeypatch, case)
 
 @pytest.mark.parametrize("kind", ["self", "cross", "three"])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_opcheck(kind, batch_first):
+@pytest.mark.parametrize("weights_asked", WEIGHTS, ids=list(WEIGHTS))
+def test_opcheck(kind, batch_first, weights_asked):
     torch.manual_seed(2)
     module = fasttf.MultiheadAttention(16, 4)
     query, key, value = inputs(kind, batch_first, torch.float32)
+    options = WEIGHTS[weights_asked]
     torch.library.opcheck(torch.ops.fasttf.native_multi_head_attention.default,
                           (query, key, value, module.in_proj_weight.detach(), module.in_proj_bias.detach(),
-                           module.out_proj.weight.detach(), None, 4, batch_first))
+                           module.out_proj.weight.detach(), None, 4, batch_first, options["need_weights"],
+                           options.get("average_attn_weights", True)))
 
 
 @pytest.mark.parametrize("change, match", [

@@ -3,17 +3,23 @@
 //
 //   q, k, v = query W_q^T + b_q, key W_k^T + b_k, value W_v^T + b_v   (one product when query is key
 //                                                                      is value, two when key is value)
-//   heads   = softmax(q_h k_h^T / sqrt(E / H)) v_h   for each head h  (native_attention_forward)
+//   p_h     = softmax(q_h k_h^T / sqrt(E / H))     for each head h
+//   heads   = p_h v_h                              (native_attention_forward, or with need_weights
+//                                                   native_attention_forward_weights, which also
+//   weights = mean_h p_h  (or every p_h)            writes the weights, averaged or per head)
 //   out     = concat_h(heads) W_o^T + b_o
 //
 // The same ATen calls, on the same operands, as the module's Python path (fasttf/multihead_attention.py:
 // _in_projection_packed, _split_heads, _out_projection), so the same bits; only the ~15 Python-level
 // tensor calls between them are gone (~50 us at one token on a 2.45 GHz core, where torch's module
-// takes its own C++ fast path). No autograd: the module calls it where no gradient is recorded.
+// takes its own C++ fast path, torch._native_multi_head_attention, with or without the weights). No
+// autograd: the module calls it where no gradient is recorded. Like torch's op it returns (out,
+// weights), weights an empty tensor when need_weights is false.
 #include "../checks.h"
 #include "../ops.h"
 
 #include <cmath>
+#include <tuple>
 
 namespace fasttf {
 namespace cpu {
@@ -27,10 +33,10 @@ at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool batch_first) {
 
 }  // namespace
 
-at::Tensor native_multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                       const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
-                                       const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-                                       int64_t num_heads, bool batch_first) {
+std::tuple<at::Tensor, at::Tensor> native_multi_head_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& in_proj_weight,
+    const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
+    int64_t num_heads, bool batch_first, bool need_weights, bool average_attn_weights) {
   const char* const op = "native_multi_head_attention";
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3, "fasttf.", op,
               ": expected 3-D query, key and value, got ", int_str(query.dim()), "-D, ", int_str(key.dim()), "-D, ",
@@ -70,14 +76,21 @@ at::Tensor native_multi_head_attention(const at::Tensor& query, const at::Tensor
   const auto heads_q = split_heads(q, num_heads, batch_first), heads_k = split_heads(k, num_heads, batch_first),
              heads_v = split_heads(v, num_heads, batch_first);
   const double scale = 1.0 / std::sqrt(static_cast<double>(embed_dim / num_heads));
-  const auto heads = std::get<0>(native_attention_forward(heads_q, heads_k, heads_v, {}, 0.0, false, scale, {}));
+  at::Tensor heads, weights;
+  if (need_weights) {
+    std::tie(heads, std::ignore, weights) = native_attention_forward_weights(heads_q, heads_k, heads_v, {}, 0.0, false,
+                                                                             scale, {}, average_attn_weights);
+  } else {
+    heads = std::get<0>(native_attention_forward(heads_q, heads_k, heads_v, {}, 0.0, false, scale, {}));
+    weights = at::empty({0}, query.options());
+  }
 
   // (N, H, L, E), laid out (N, L, H, E) -> (N * L, H * E) -> out projection -> (N, L, out) or (L, N, out)
   const int64_t bsz = heads.size(0), tgt_len = heads.size(2);
   const auto merged = batch_first ? heads.transpose(1, 2).reshape({bsz * tgt_len, embed_dim})
                                   : heads.permute({2, 0, 1, 3}).reshape({tgt_len * bsz, embed_dim});
   const auto out = at::linear(merged, out_proj_weight, out_proj_bias);
-  return batch_first ? out.view({bsz, tgt_len, -1}) : out.view({tgt_len, bsz, -1});
+  return {batch_first ? out.view({bsz, tgt_len, -1}) : out.view({tgt_len, bsz, -1}), weights};
 }
 
 }  // namespace cpu

@@ -100,13 +100,15 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout
 
 
 def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                         batch_first):
-    """fasttf.MultiheadAttention's inference call (no masks, dropout or weights; nothing records a
-    gradient) in one op: in-projection, attention_forward, out-projection, as the module's Python
-    path makes them (the same bits)."""
+                         batch_first, need_weights=False, average_attn_weights=True):
+    """fasttf.MultiheadAttention's inference call (no masks or dropout; nothing records a gradient) in
+    one op: in-projection, attention_forward (attention_forward_weights where need_weights),
+    out-projection, as the module's Python path makes them (the same bits). (out, weights or None)."""
     ops = _extension.direct() or native_ops()
-    return ops.native_multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,
-                                           out_proj_bias, num_heads, batch_first)
+    out, weights = ops.native_multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,
+                                                   out_proj_bias, num_heads, batch_first, need_weights,
+                                                   average_attn_weights)
+    return out, (weights if need_weights else None)
 
 
 def dropout_keep_mask(query: Tensor, key: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
@@ -143,8 +145,13 @@ if _extension.is_available():
 
     @torch.library.register_fake("fasttf::native_multi_head_attention")
     def _multi_head_fake(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                         batch_first):
-        return query.new_empty((*query.shape[:-1], out_proj_weight.size(0)))
+                         batch_first, need_weights=False, average_attn_weights=True):
+        out = query.new_empty((*query.shape[:-1], out_proj_weight.size(0)))
+        if not need_weights:
+            return out, query.new_empty((0,))
+        batch, length = (0, 1) if batch_first else (1, 0)  # key's length is on the same dim as query's
+        n, target, source = query.size(batch), query.size(length), key.size(length)
+        return out, query.new_empty((n, target, source) if average_attn_weights else (n, num_heads, target, source))
 
     # The C++ autograd of native_attention_forward (csrc/autograd.cpp) calls the backward op; that op's
     # own backward (a second order) raises SecondOrderError, never a silent zero or torch's warning.
