@@ -7,10 +7,11 @@ user has today, timed interleaved with it:
                            a (N, 1, 1, S) bool padding mask
     SDPA small training    the same, forward+backward, (N, H, L, E) = (2, 2, 8, 16)
     MultiheadAttention     fasttf.MultiheadAttention vs nn.MultiheadAttention, eval, no_grad,
-      inference            need_weights=False and True (the modules' default; torch's fused C++ fast
-                           path, torch._native_multi_head_attention, takes both, and so does fasttf's
-                           one-op call, fasttf::native_multi_head_attention), D = 512, H = 8,
-                           self-attention over (N, L) tokens
+      inference            need_weights=False and True (the modules' default), without and with a bool
+                           key padding mask (every other sequence's last quarter padded): torch's fused
+                           C++ fast path, torch._native_multi_head_attention, takes all four, and so
+                           does fasttf's one-op call, fasttf::native_multi_head_attention; D = 512,
+                           H = 8, self-attention over (N, L) tokens
     greedy decode          fasttf.models.Transformer(backend="fasttf") vs backend="torch", same weights,
                            d_model 128, 8 heads, 2 + 2 layers, 16 source words, 24 words decoded with
                            the key/value cache
@@ -76,25 +77,30 @@ def mha_cases():
 
 
 @pytest.mark.parametrize("impl", ("fasttf", "torch"))
+@pytest.mark.parametrize("padded", (False, True), ids=("", "padded"))
 @pytest.mark.parametrize("need_weights", (False, True), ids=("", "weights"))
 @pytest.mark.parametrize("case", mha_cases(), ids=lambda c: f"N{c[0]}-L{c[1]}")
-def test_multihead_attention_inference(benchmark, case, need_weights, impl):
+def test_multihead_attention_inference(benchmark, case, need_weights, padded, impl):
     batch, length = case
     dim = 64 if TINY else 512
     torch.manual_seed(0)
     torch_module = nn.MultiheadAttention(dim, 8, batch_first=True, device=DEVICE).eval()
     modules = {"torch": torch_module, "fasttf": fasttf.MultiheadAttention.from_torch(torch_module).eval()}
     x = torch.randn(batch, length, dim, device=DEVICE)
+    # padded: a bool key padding mask, every other sequence's last quarter padded
+    lengths = torch.tensor([length - (length // 4) * (n % 2) for n in range(batch)], device=DEVICE)
+    key_padding_mask = torch.arange(length, device=DEVICE) >= lengths[:, None] if padded else None
 
     def call(module):
         def run():
             with torch.no_grad():
-                return module(x, x, x, need_weights=need_weights)
+                return module(x, x, x, need_weights=need_weights, key_padding_mask=key_padding_mask)
         return run
 
     measure(benchmark, call(modules[impl]), group=f"small calls: MultiheadAttention inference float32 N={batch} "
                                                   f"L={length} D={dim} H=8"
-                                                  f"{' with weights (need_weights=True)' if need_weights else ''}",
+                                                  f"{' with weights (need_weights=True)' if need_weights else ''}"
+                                                  f"{' with a key padding mask' if padded else ''}",
             impl=impl, eager_twin=impl == "torch", twin=call(torch_module) if impl == "fasttf" else None,
             op="MultiheadAttention inference", mode="fwd", dtype=dtype_name(torch.float32), batch=batch,
             seq_len=length, dim=dim)

@@ -36,7 +36,8 @@ TORCH_LIBRARY(fasttf, m) {
   m.def("native_attention_keep_mask(Tensor q, Tensor k, float dropout_p, Tensor? seed) -> Tensor");
   m.def("native_multi_head_attention(Tensor query, Tensor key, Tensor value, Tensor in_proj_weight, "
         "Tensor? in_proj_bias, Tensor out_proj_weight, Tensor? out_proj_bias, int num_heads, bool batch_first, "
-        "bool need_weights=False, bool average_attn_weights=True) -> (Tensor out, Tensor weights)");
+        "Tensor? key_padding_mask=None, bool need_weights=False, bool average_attn_weights=True) "
+        "-> (Tensor out, Tensor weights)");
 }
 
 #define FASTTF_IMPL_OPS(ns)                                                   \
@@ -130,15 +131,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_multi_head_attention", [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                           const at::Tensor& in_proj_weight, const fasttf::OptTensor& in_proj_bias,
                                           const at::Tensor& out_proj_weight, const fasttf::OptTensor& out_proj_bias,
-                                          int64_t num_heads, bool batch_first, bool need_weights,
+                                          int64_t num_heads, bool batch_first,
+                                          const fasttf::OptTensor& key_padding_mask, bool need_weights,
                                           bool average_attn_weights) {
     static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::native_multi_head_attention)>(
         "fasttf::native_multi_head_attention");
     return op.call(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                   batch_first, need_weights, average_attn_weights);
+                   batch_first, key_padding_mask, need_weights, average_attn_weights);
   }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("in_proj_weight"), py::arg("in_proj_bias"),
      py::arg("out_proj_weight"), py::arg("out_proj_bias"), py::arg("num_heads"), py::arg("batch_first"),
-     py::arg("need_weights") = false, py::arg("average_attn_weights") = true);
+     py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = false, py::arg("average_attn_weights") = true);
   // fasttf.scaled_dot_product_attention's eager CPU call, or None (sdpa_fast_path.cpp)
   m.def("native_sdpa_or_none", &fasttf::native_sdpa_or_none, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("enable_gqa"));

@@ -56,12 +56,13 @@ Tensor4 native_attention_backward(const at::Tensor& grad_out, const at::Tensor& 
 at::Tensor native_attention_keep_mask(const at::Tensor& q, const at::Tensor& k, double dropout_p,
                                       const OptTensor& seed);
 // fasttf.MultiheadAttention's inference call: in-projection, native_attention_forward (_weights where
-// need_weights), out-projection (cpu/multi_head_attention.cpp); no dropout or masks, no autograd.
-// (out, weights), weights empty unless need_weights.
+// need_weights), out-projection (cpu/multi_head_attention.cpp); no dropout, no mask but a key padding
+// mask, no autograd. (out, weights), weights empty unless need_weights.
 std::tuple<at::Tensor, at::Tensor> native_multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& in_proj_weight,
     const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-    int64_t num_heads, bool batch_first, bool need_weights, bool average_attn_weights);
+    int64_t num_heads, bool batch_first, const OptTensor& key_padding_mask, bool need_weights,
+    bool average_attn_weights);
 // The dtype the block products read q, k, v of this dtype in (float32, float64, or bfloat16 where
 // the CPU has bfloat16 dot products: cpu/attention.h).
 at::ScalarType native_attention_operand_type(at::ScalarType dtype);

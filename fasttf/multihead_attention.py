@@ -18,10 +18,11 @@ Where the attention itself runs:
   already is that big.
 - The in-projection is one matmul for self-attention (two when only key is value, as torch's) and
   q, k, v reach the kernel as strided views of its product, never copied into a head-major layout.
-- Inference (no_grad / inference_mode) without masks or dropout on the CPU kernel, the call of a
-  decode step or an encoder in eval, with or without the weights: the whole forward in one C++ op
-  (fasttf::native_multi_head_attention, the same ATen calls and kernels, so the same bits), where
-  torch's module takes its own C++ fast path; the Python path's tensor calls cost ~50 us at one token.
+- Inference (no_grad / inference_mode) without dropout or an attn_mask on the CPU kernel, the call
+  of a decode step or an encoder in eval, with or without the weights or a key padding mask: the
+  whole forward in one C++ op (fasttf::native_multi_head_attention, the same ATen calls and
+  kernels, so the same bits), where torch's module takes its own C++ fast path; the Python path's
+  tensor calls cost ~50 us at one token.
 - `need_weights=True`: the same kernel, and a second one that writes the weights from the saved
   log-sum-exp (`fasttf.ops.attention.attention_with_weights`): `(N, L, S)` averaged over the heads
   inside the kernel when `average_attn_weights=True`, else `(N, num_heads, L, S)`; after dropout,
@@ -410,11 +411,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         if query.is_nested or key.is_nested or value.is_nested:
             raise AssertionError("fasttf.MultiheadAttention does not support NestedTensor inputs: pass a padded "
                                  "tensor and a key_padding_mask")
-        if key_padding_mask is None and attn_mask is None and not is_causal:
-            projections = self._projections_for_one_op(query, key, value)
+        if attn_mask is None and not is_causal:
+            projections = self._projections_for_one_op(query, key, value, key_padding_mask)
             if projections is not None:
                 return _attention_op.native_multi_head_attention(query, key, value, *projections, self.num_heads,
-                                                                 self.batch_first, need_weights, average_attn_weights)
+                                                                 self.batch_first, key_padding_mask, need_weights,
+                                                                 average_attn_weights)
         return _multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
@@ -422,18 +424,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, None, None, average_attn_weights, is_causal,
             batch_first=self.batch_first, stacklevel=2)  # past Module.__call__: see _warn_if_mismatched
 
-    def _projections_for_one_op(self, query: Tensor, key: Tensor, value: Tensor) -> tuple | None:
+    def _projections_for_one_op(self, query: Tensor, key: Tensor, value: Tensor,
+                                key_padding_mask: Tensor | None) -> tuple | None:
         """(in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias) where this call runs as one C++
         op (fasttf::native_multi_head_attention), else None.
 
-        No masks (the caller checked): the common inference call (a decode step, an encoder in eval;
-        weights or not) with packed weights, no dropout, no extra keys, batched 3-D CPU inputs of this
-        embed_dim on the C++ kernel, where nothing records a gradient (no_grad, inference_mode, or
-        nothing requires one) or carries a forward-mode tangent (the op has no autograd: the Python
-        path raises for a tangent, which the op would drop). The op makes the same ATen calls and
-        kernels as _multi_head_attention_forward, so the same bits (tested), without its ~60 us of
-        Python at one token, where torch's module takes its own C++ fast path. (A parameter is
-        ~1.3 us to fetch through Module.__getattr__: each is fetched once.)"""
+        No attn_mask (the caller checked): the common inference call (a decode step, an encoder in
+        eval; weights or not; a (N, S) key padding mask, bool or of query's dtype, or none) with
+        packed weights, no dropout, no extra keys, batched 3-D CPU inputs of this embed_dim on the
+        C++ kernel, where nothing records a gradient (no_grad, inference_mode, or nothing requires
+        one) or carries a forward-mode tangent (the op has no autograd: the Python path raises for a
+        tangent, which the op would drop). The op makes the same ATen calls and kernels as
+        _multi_head_attention_forward, so the same bits (tested), without its ~60 us of Python at
+        one token, where torch's module takes its own C++ fast path. (A parameter is ~1.3 us to
+        fetch through Module.__getattr__: each is fetched once.)"""
         batch_dim = 0 if self.batch_first else 1
         if not (query.dim() == 3 and key.dim() == 3 and key.shape == value.shape and self._qkv_same_embed_dim
                 and query.size(-1) == self.embed_dim and key.size(-1) == self.embed_dim
@@ -441,8 +445,12 @@ class MultiheadAttention(nn.MultiheadAttention):
                 and (self.dropout == 0.0 or not self.training) and self.bias_k is None and not self.add_zero_attn
                 and _attention_op.runs_native_eagerly(query)):
             return None
+        if key_padding_mask is not None and not (
+                key_padding_mask.shape == (key.size(batch_dim), key.size(1 - batch_dim))
+                and key_padding_mask.dtype in (torch.bool, query.dtype) and key_padding_mask.is_cpu):
+            return None  # the Python path raises for it, or converts it
         projections = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
-        if projections[0] is None or _attention_op._needs_autograd(query, key, value, *projections):
+        if projections[0] is None or _attention_op._needs_autograd(query, key, value, key_padding_mask, *projections):
             return None
         return projections
 

@@ -44,7 +44,8 @@ def kernel_calls(monkeypatch):
     is_causal, ...), plus length_q, length_k, heads, heads_kv (from the query's and key's shapes) and
     weights (True for attention_with_weights, the path that also returns the weights). A call of
     fasttf.MultiheadAttention's one-op inference path (fasttf::native_multi_head_attention) is recorded
-    with one_op=True and the module's query, key, value (before the projections)."""
+    with one_op=True, the module's query, key, value (before the projections) and key_padding_mask
+    (torch's convention, not yet the kernel's mask), attn_mask None."""
     import inspect
 
     from fasttf.ops import attention as attention_op
@@ -66,13 +67,13 @@ def kernel_calls(monkeypatch):
     one_op = attention_op.native_multi_head_attention  # fasttf.MultiheadAttention's inference call, whole
 
     def spy_one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                   batch_first, need_weights=False, average_attn_weights=True):
+                   batch_first, key_padding_mask=None, need_weights=False, average_attn_weights=True):
         length = 1 if batch_first else 0
-        calls.append(dict(query=query, key=key, value=value, attn_mask=None, is_causal=False, dropout_p=0.0,
-                          length_q=query.size(length), length_k=key.size(length), heads=num_heads,
-                          heads_kv=num_heads, weights=need_weights, one_op=True))
+        calls.append(dict(query=query, key=key, value=value, attn_mask=None, key_padding_mask=key_padding_mask,
+                          is_causal=False, dropout_p=0.0, length_q=query.size(length), length_k=key.size(length),
+                          heads=num_heads, heads_kv=num_heads, weights=need_weights, one_op=True))
         return one_op(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                      batch_first, need_weights, average_attn_weights)
+                      batch_first, key_padding_mask, need_weights, average_attn_weights)
 
     monkeypatch.setattr(attention_op, "native_multi_head_attention", spy_one_op)
     return calls

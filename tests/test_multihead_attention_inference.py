@@ -28,13 +28,13 @@ def one_op_calls(monkeypatch):
     return calls
 
 
-def python_path(module, query, key, value, need_weights=False, average_attn_weights=True):
+def python_path(module, query, key, value, need_weights=False, average_attn_weights=True, key_padding_mask=None):
     """The module's own Python path for the same call (what forward runs when the one op is not
     taken): (out, weights or None)."""
     return _multi_head_attention_forward(
         query, key, value, module.embed_dim, module.num_heads, module.in_proj_weight, module.in_proj_bias,
         module.bias_k, module.bias_v, module.add_zero_attn, module.dropout, module.out_proj.weight,
-        module.out_proj.bias, module.training, None, need_weights, None, not module._qkv_same_embed_dim,
+        module.out_proj.bias, module.training, key_padding_mask, need_weights, None, not module._qkv_same_embed_dim,
         module.q_proj_weight, module.k_proj_weight, module.v_proj_weight, None, None, average_attn_weights, False,
         batch_first=module.batch_first, stacklevel=2)
 
@@ -54,6 +54,18 @@ def inputs(kind, batch_first, dtype, embed_dim=16):
 
 WEIGHTS = {"no weights": dict(need_weights=False), "weights": dict(need_weights=True),
            "per-head weights": dict(need_weights=True, average_attn_weights=False)}
+PADDING = ("none", "bool", "float")
+
+
+def padding_mask(kind, batch, source, dtype):
+    """A key padding mask in torch's convention: the last keys of some sequences padded (never all)."""
+    if kind == "none":
+        return None
+    padded = torch.arange(source) >= torch.tensor([source, source - 2, 1])[:batch, None]
+    if kind == "bool":
+        return padded
+    return torch.zeros(batch, source, dtype=dtype).masked_fill(padded, float("-inf")) + 0.1 * torch.randn(
+        batch, source).to(dtype)
 
 
 @pytest.mark.parametrize("kind", ["self", "cross", "three"])
@@ -61,12 +73,14 @@ WEIGHTS = {"no weights": dict(need_weights=False), "weights": dict(need_weights=
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("weights_asked", WEIGHTS, ids=list(WEIGHTS))
-def test_one_op_gives_the_python_paths_bits(one_op_calls, kind, batch_first, dtype, grad_mode, weights_asked):
+@pytest.mark.parametrize("padding", PADDING)
+def test_one_op_gives_the_python_paths_bits(one_op_calls, kind, batch_first, dtype, grad_mode, weights_asked, padding):
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(16, 4, batch_first=batch_first, dtype=dtype).eval()
     ours = fasttf.MultiheadAttention.from_torch(theirs)
     query, key, value = inputs(kind, batch_first, dtype)
-    options = WEIGHTS[weights_asked]
+    options = dict(WEIGHTS[weights_asked], key_padding_mask=padding_mask(padding, 3, 5 if kind == "self" else 7,
+                                                                         dtype))
     with grad_mode():
         got, weights = ours(query, key, value, **options)
         expected, expected_weights = python_path(ours, query, key, value, **options)
@@ -95,6 +109,24 @@ def test_training_without_dropout_under_no_grad_takes_it(one_op_calls):
         expected, expected_weights = python_path(ours, x, x, x, need_weights=True)
     assert torch.equal(got, expected) and torch.equal(weights, expected_weights)
     assert len(one_op_calls) == 1
+
+
+@pytest.mark.parametrize("padding", ["bool", "float"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_a_fully_padded_sequence_gives_the_python_paths_zeros(one_op_calls, padding, need_weights):
+    """Every key of a sequence padded: attention 0 before the out-projection (its bias after it) and
+    weights 0, as on the Python path (torch's weights path gives NaN there)."""
+    ours = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 3, 8)
+    padded = torch.tensor([[False, True, False], [True, True, True]])
+    mask = padded if padding == "bool" else torch.zeros(2, 3).masked_fill(padded, float("-inf"))
+    with torch.no_grad():
+        got, weights = ours(x, x, x, key_padding_mask=mask, need_weights=need_weights)
+        expected, expected_weights = python_path(ours, x, x, x, need_weights, key_padding_mask=mask)
+    assert len(one_op_calls) == 1 and torch.equal(got, expected)
+    assert torch.equal(got[1], ours.out_proj.bias.detach().expand(3, 8))
+    if need_weights:
+        assert torch.equal(weights, expected_weights) and torch.all(weights[1] == 0)
 
 
 def test_a_frozen_module_takes_it_in_grad_mode(one_op_calls):
@@ -126,7 +158,7 @@ def test_a_forward_mode_tangent_raises_instead_of_being_dropped(one_op_calls, ne
 CALLS_IT_LEAVES = {
     "grad enabled": dict(),
     "attn_mask": dict(attn_mask=torch.zeros(5, 5)),
-    "key_padding_mask": dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool)),
+    "key_padding_mask and attn_mask": dict(attn_mask=torch.zeros(5, 5), key_padding_mask=torch.zeros(3, 5)),
     "is_causal": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=True),
     "dropout in training": dict(module=dict(dropout=0.1), train=True),
     "add_bias_kv": dict(module=dict(add_bias_kv=True)),
@@ -135,6 +167,27 @@ CALLS_IT_LEAVES = {
     "unbatched": dict(unbatched=True),
     "triton kernel": dict(env="triton"),
 }
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (torch.zeros(3, 5, dtype=torch.float64), RuntimeError, "expected attn_mask of dtype bool or query's dtype"),
+    (torch.zeros(5, 3, dtype=torch.bool), AssertionError, r"Expected key_padded_mask.shape\[0\] to be 3, but got 5"),
+    (torch.zeros(3, dtype=torch.bool), AssertionError, "For batched"),
+], ids=["float64", "transposed", "1-D"])
+def test_a_key_padding_mask_the_op_does_not_take_raises_on_the_python_path(one_op_calls, mask, error, match):
+    module = fasttf.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad(), pytest.raises(error, match=match):
+        module(x, x, x, key_padding_mask=mask)
+    assert one_op_calls == []
+
+
+def test_a_learned_padding_mask_in_grad_mode_keeps_the_python_path(one_op_calls):
+    module = fasttf.MultiheadAttention(8, 2, batch_first=True).eval().requires_grad_(False)
+    x = torch.randn(3, 5, 8)
+    mask = torch.zeros(3, 5, requires_grad=True)
+    module(x, x, x, key_padding_mask=mask)[0].sum().backward()
+    assert one_op_calls == [] and mask.grad is not None
 
 
 @pytest.mark.parametrize("case", CALLS_IT_LEAVES, ids=list(CALLS_IT_LEAVES))
@@ -165,9 +218,10 @@ def test_opcheck(kind, batch_first, weights_asked):
     module = fasttf.MultiheadAttention(16, 4)
     query, key, value = inputs(kind, batch_first, torch.float32)
     options = WEIGHTS[weights_asked]
+    padding = padding_mask("bool", 3, 5 if kind == "self" else 7, torch.float32)
     torch.library.opcheck(torch.ops.fasttf.native_multi_head_attention.default,
                           (query, key, value, module.in_proj_weight.detach(), module.in_proj_bias.detach(),
-                           module.out_proj.weight.detach(), None, 4, batch_first, options["need_weights"],
+                           module.out_proj.weight.detach(), None, 4, batch_first, padding, options["need_weights"],
                            options.get("average_attn_weights", True)))
 
 
@@ -176,6 +230,10 @@ def test_opcheck(kind, batch_first, weights_asked):
     (dict(in_proj_weight=torch.randn(16, 16)), r"expected in_proj_weight of shape \[48, 16\], got \[16, 16\]"),
     (dict(query=torch.randn(5, 16)), "expected 3-D query, key and value, got 2-D, 3-D, 3-D"),
     (dict(key=torch.randn(4, 7, 16), value=torch.randn(4, 7, 16)), "expected one batch size"),
+    (dict(key_padding_mask=torch.zeros(5, 3, dtype=torch.bool)), r"expected key_padding_mask of shape \[3, 5\], "
+                                                                  r"got \[5, 3\]"),
+    (dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.float64)),
+     "expected key_padding_mask of dtype bool or query's dtype Float, got Double"),
 ])
 def test_op_errors_name_the_argument(change, match):
     x = torch.randn(3, 5, 16)

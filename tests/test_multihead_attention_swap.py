@@ -119,8 +119,10 @@ def test_swapped_encoder_layer_runs_fasttf_in_eval(padding, kernel_calls, no_tor
         output = layer(src, src_key_padding_mask=key_padding_mask)
         expected = theirs.train()(src, src_key_padding_mask=key_padding_mask)  # dropout 0: same numbers
     assert [(call["heads"], call["length_q"]) for call in kernel_calls] == [(2, 5)]
-    # without a mask, the attention module's inference call in one op (fasttf::native_multi_head_attention)
-    assert kernel_calls[0].get("one_op", False) == (not padding)
+    # the attention module's inference call in one op (fasttf::native_multi_head_attention), the
+    # layer's padding mask (made float by the layer, as torch's does) included
+    assert kernel_calls[0].get("one_op", False)
+    assert (kernel_calls[0]["key_padding_mask"] is not None) == padding
     torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
 
 

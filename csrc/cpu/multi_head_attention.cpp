@@ -3,7 +3,8 @@
 //
 //   q, k, v = query W_q^T + b_q, key W_k^T + b_k, value W_v^T + b_v   (one product when query is key
 //                                                                      is value, two when key is value)
-//   p_h     = softmax(q_h k_h^T / sqrt(E / H))     for each head h
+//   p_h     = softmax(q_h k_h^T / sqrt(E / H) + m)  for each head h, m the key padding mask
+//                                                  (bool True = masked: -inf; float: added)
 //   heads   = p_h v_h                              (native_attention_forward, or with need_weights
 //                                                   native_attention_forward_weights, which also
 //   weights = mean_h p_h  (or every p_h)            writes the weights, averaged or per head)
@@ -36,7 +37,8 @@ at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool batch_first) {
 std::tuple<at::Tensor, at::Tensor> native_multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& in_proj_weight,
     const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-    int64_t num_heads, bool batch_first, bool need_weights, bool average_attn_weights) {
+    int64_t num_heads, bool batch_first, const OptTensor& key_padding_mask, bool need_weights,
+    bool average_attn_weights) {
   const char* const op = "native_multi_head_attention";
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3, "fasttf.", op,
               ": expected 3-D query, key and value, got ", int_str(query.dim()), "-D, ", int_str(key.dim()), "-D, ",
@@ -51,6 +53,15 @@ std::tuple<at::Tensor, at::Tensor> native_multi_head_attention(
   TORCH_CHECK(key.size(batch_dim) == query.size(batch_dim) && value.size(batch_dim) == query.size(batch_dim),
               "fasttf.", op, ": expected one batch size, got query ", shape_str(query.sizes()), ", key ",
               shape_str(key.sizes()), ", value ", shape_str(value.sizes()));
+  const int64_t bsz = query.size(batch_dim), src_len = key.size(1 - batch_dim);
+  TORCH_CHECK(!key_padding_mask || (key_padding_mask->dim() == 2 && key_padding_mask->size(0) == bsz &&
+                                    key_padding_mask->size(1) == src_len),
+              "fasttf.", op, ": expected key_padding_mask of shape [", int_str(bsz), ", ", int_str(src_len), "], got ",
+              shape_str(key_padding_mask ? key_padding_mask->sizes() : at::IntArrayRef()));
+  TORCH_CHECK(!key_padding_mask || key_padding_mask->scalar_type() == at::kBool ||
+                  key_padding_mask->scalar_type() == query.scalar_type(),
+              "fasttf.", op, ": expected key_padding_mask of dtype bool or query's dtype ", query.scalar_type(),
+              ", got ", key_padding_mask ? key_padding_mask->scalar_type() : query.scalar_type());
   // inference only (the op has no autograd): the ATen calls below skip the autograd and view-tracking
   // layers of the dispatcher, as under inference_mode (~1 us a call under no_grad otherwise)
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -76,17 +87,23 @@ std::tuple<at::Tensor, at::Tensor> native_multi_head_attention(
   const auto heads_q = split_heads(q, num_heads, batch_first), heads_k = split_heads(k, num_heads, batch_first),
              heads_v = split_heads(v, num_heads, batch_first);
   const double scale = 1.0 / std::sqrt(static_cast<double>(embed_dim / num_heads));
+  // the padding mask as the kernel takes it (SDPA's convention: bool True = attend), (N, 1, 1, S)
+  OptTensor mask;
+  if (key_padding_mask) {
+    const auto padding = key_padding_mask->view({bsz, 1, 1, src_len});
+    mask = padding.scalar_type() == at::kBool ? at::logical_not(padding) : padding;
+  }
   at::Tensor heads, weights;
   if (need_weights) {
-    std::tie(heads, std::ignore, weights) = native_attention_forward_weights(heads_q, heads_k, heads_v, {}, 0.0, false,
-                                                                             scale, {}, average_attn_weights);
+    std::tie(heads, std::ignore, weights) =
+        native_attention_forward_weights(heads_q, heads_k, heads_v, mask, 0.0, false, scale, {}, average_attn_weights);
   } else {
-    heads = std::get<0>(native_attention_forward(heads_q, heads_k, heads_v, {}, 0.0, false, scale, {}));
+    heads = std::get<0>(native_attention_forward(heads_q, heads_k, heads_v, mask, 0.0, false, scale, {}));
     weights = at::empty({0}, query.options());
   }
 
   // (N, H, L, E), laid out (N, L, H, E) -> (N * L, H * E) -> out projection -> (N, L, out) or (L, N, out)
-  const int64_t bsz = heads.size(0), tgt_len = heads.size(2);
+  const int64_t tgt_len = heads.size(2);
   const auto merged = batch_first ? heads.transpose(1, 2).reshape({bsz * tgt_len, embed_dim})
                                   : heads.permute({2, 0, 1, 3}).reshape({tgt_len * bsz, embed_dim});
   const auto out = at::linear(merged, out_proj_weight, out_proj_bias);

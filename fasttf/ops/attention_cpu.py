@@ -100,14 +100,15 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, dropout
 
 
 def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                         batch_first, need_weights=False, average_attn_weights=True):
-    """fasttf.MultiheadAttention's inference call (no masks or dropout; nothing records a gradient) in
-    one op: in-projection, attention_forward (attention_forward_weights where need_weights),
-    out-projection, as the module's Python path makes them (the same bits). (out, weights or None)."""
+                         batch_first, key_padding_mask=None, need_weights=False, average_attn_weights=True):
+    """fasttf.MultiheadAttention's inference call (no dropout, no mask but a key padding mask; nothing
+    records a gradient) in one op: in-projection, attention_forward (attention_forward_weights where
+    need_weights), out-projection, as the module's Python path makes them (the same bits). (out,
+    weights or None)."""
     ops = _extension.direct() or native_ops()
     out, weights = ops.native_multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,
-                                                   out_proj_bias, num_heads, batch_first, need_weights,
-                                                   average_attn_weights)
+                                                   out_proj_bias, num_heads, batch_first, key_padding_mask,
+                                                   need_weights, average_attn_weights)
     return out, (weights if need_weights else None)
 
 
@@ -145,7 +146,7 @@ if _extension.is_available():
 
     @torch.library.register_fake("fasttf::native_multi_head_attention")
     def _multi_head_fake(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                         batch_first, need_weights=False, average_attn_weights=True):
+                         batch_first, key_padding_mask=None, need_weights=False, average_attn_weights=True):
         out = query.new_empty((*query.shape[:-1], out_proj_weight.size(0)))
         if not need_weights:
             return out, query.new_empty((0,))
