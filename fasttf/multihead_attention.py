@@ -438,19 +438,22 @@ class MultiheadAttention(nn.MultiheadAttention):
         _multi_head_attention_forward, so the same bits (tested), without its ~60 us of Python at
         one token, where torch's module takes its own C++ fast path. (A parameter is ~1.3 us to
         fetch through Module.__getattr__: each is fetched once.)"""
+        if _attention_op._needs_autograd(query, key, value, key_padding_mask):
+            return None  # a training call (an input requiring grad) leaves first, not after ~10 us of lookups
         batch_dim = 0 if self.batch_first else 1
         if not (query.dim() == 3 and key.dim() == 3 and key.shape == value.shape and self._qkv_same_embed_dim
                 and query.size(-1) == self.embed_dim and key.size(-1) == self.embed_dim
                 and query.size(batch_dim) == key.size(batch_dim)
-                and (self.dropout == 0.0 or not self.training) and self.bias_k is None and not self.add_zero_attn
-                and _attention_op.runs_native_eagerly(query)):
+                and (self.dropout == 0.0 or not self.training) and self.bias_k is None and not self.add_zero_attn):
             return None
         if key_padding_mask is not None and not (
                 key_padding_mask.shape == (key.size(batch_dim), key.size(1 - batch_dim))
                 and key_padding_mask.dtype in (torch.bool, query.dtype) and key_padding_mask.is_cpu):
             return None  # the Python path raises for it, or converts it
+        if not _attention_op.runs_native_eagerly(query):
+            return None
         projections = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
-        if projections[0] is None or _attention_op._needs_autograd(query, key, value, key_padding_mask, *projections):
+        if projections[0] is None or _attention_op._needs_autograd(*projections):
             return None
         return projections
 
