@@ -105,7 +105,8 @@ def _merge_for_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, d
     mask in SDPA's convention, broadcastable to (N, H, L, S) and no bigger than it must be.
 
     Both bool: masked where either masks, returned as True = attend. Otherwise both become
-    additive (bool -> 0 / -inf in the query's dtype, as torch does) and are added."""
+    additive (bool -> 0 / -inf in the query's dtype, as torch does) and are added. (A key padding
+    mask alone is turned so in C++ too, by the one-op inference call: csrc/cpu/multi_head_attention.cpp.)"""
     masks = [mask for mask in (attn_mask, key_padding_mask) if mask is not None]
     if not masks:
         return None

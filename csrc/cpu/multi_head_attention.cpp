@@ -11,7 +11,8 @@
 //   out     = concat_h(heads) W_o^T + b_o
 //
 // The same ATen calls, on the same operands, as the module's Python path (fasttf/multihead_attention.py:
-// _in_projection_packed, _split_heads, _out_projection), so the same bits; only the ~15 Python-level
+// _in_projection_packed, _split_heads, _merge_for_sdpa of a padding mask alone, _out_projection), so the
+// same bits (tests/test_multihead_attention_inference.py keeps the twins equal); only the ~15 Python-level
 // tensor calls between them are gone (~50 us at one token on a 2.45 GHz core, where torch's module
 // takes its own C++ fast path, torch._native_multi_head_attention, with or without the weights). No
 // autograd: the module calls it where no gradient is recorded. Like torch's op it returns (out,
