@@ -1,7 +1,8 @@
 """The extension's C++ autograd kernels (csrc/autograd.cpp): which calls record a graph.
 
-A call records one (through its torch::autograd::Function) when grad mode is on and an input requires
-grad; every other call -- no_grad, inference_mode, inputs without grad -- runs the kernel directly,
+A call records one (through its torch::autograd::Function; residual_add without dropout through a plain
+node, fasttf::ResidualAddBackward, as eager's `residual + x` records AddBackward0) when grad mode is on
+and an input requires grad; every other call -- no_grad, inference_mode, inputs without grad -- runs the kernel directly,
 with the same values and no grad_fn. A forward-mode (dual) input still goes through the Function,
 which raises: the C++ Function API has no jvp, and a kernel run directly would drop the tangent
 silently. The backward calls its backward op below autograd unless the backward is itself recorded
@@ -98,3 +99,55 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(case):
         inputs[0] = fwAD.make_dual(inputs[0], torch.ones_like(inputs[0]))
         with pytest.raises(RuntimeError, match="jvp"):
             function(*inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# residual_add without dropout: a plain graph node (as eager's AddBackward0), not the Function
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("requiring_grad", ["both", "x", "residual"])
+def test_residual_add_without_dropout_records_a_plain_node(device, requiring_grad):
+    x, residual = _inputs([(2, 5, 8), (2, 5, 8)], requires_grad=False, device=device)
+    x.requires_grad_(requiring_grad in ("both", "x"))
+    residual.requires_grad_(requiring_grad in ("both", "residual"))
+    out = fasttf.residual_add(x, residual)
+    assert out.grad_fn.name() == "fasttf::ResidualAddBackward"
+    leaves = [t for t in (x, residual) if t.requires_grad]
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, 2 * grad_out)
+    for grad, twice in zip(first, again):
+        torch.testing.assert_close(grad, grad_out, rtol=0, atol=0)  # d(residual + x) = the incoming gradient
+        torch.testing.assert_close(twice, 2 * grad_out, rtol=0, atol=0)
+    # nothing saved, so a freed graph still runs, as eager's `residual + x` (AddBackward0) does
+    eager = residual + x
+    torch.autograd.grad(eager, leaves, grad_out)
+    for expected, grad in zip(torch.autograd.grad(eager, leaves, grad_out), torch.autograd.grad(out, leaves, grad_out)):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_residual_add_plain_node_accumulates_and_runs_hooks(device):
+    x, residual = _inputs([(3, 4), (3, 4)], requires_grad=True, device=device)
+    seen = []
+    out = fasttf.residual_add(x, residual)
+    out.register_hook(lambda grad: seen.append(grad.clone()))
+    (out * 3).sum().backward()
+    fasttf.residual_add(x, residual).sum().backward()
+    assert len(seen) == 1 and bool((seen[0] == 3).all())
+    torch.testing.assert_close(x.grad, torch.full_like(x, 4.0), rtol=0, atol=0)
+    torch.testing.assert_close(residual.grad, torch.full_like(residual, 4.0), rtol=0, atol=0)
+
+
+def test_residual_add_with_dropout_keeps_the_function():
+    x, residual = _inputs([(2, 5, 8), (2, 5, 8)], requires_grad=True, device="cpu")
+    assert "ResidualAdd" in fasttf.residual_add(x, residual, dropout_p=0.1).grad_fn.name()
+    assert fasttf.residual_add(x, residual, dropout_p=0.1).grad_fn.name() != "fasttf::ResidualAddBackward"
+
+
+def test_residual_add_under_torch_func_grad_raises_as_the_function_does():
+    x, residual = _inputs([(3, 4), (3, 4)], requires_grad=False, device="cpu")
+    with pytest.raises(RuntimeError, match="functorch"):
+        torch.func.grad(lambda a: fasttf.residual_add(a, residual).sum())(x)
+    assert fasttf.residual_add(x.requires_grad_(), residual).grad_fn.name() == "fasttf::ResidualAddBackward"
