@@ -1,5 +1,5 @@
 // The autograd kernels of residual_add, add_layer_norm, positional_encoding and the CPU attention kernel, in C++
-// (torch::autograd::Function; residual_add without dropout a plain graph node, ResidualAddBackward):
+// (torch::autograd::Function; positional_encoding and residual_add without dropout plain graph nodes):
 // without a Python autograd.Function on the way, a call costs about what eager's `residual + x`
 // costs, which matters at small D where the kernels take tens of microseconds. The forward
 // calls the device kernel below autograd; the backward calls the backward op through the
@@ -87,18 +87,50 @@ bool needs_autograd(const Tensors&... inputs) {
   return torch::autograd::compute_requires_grad(inputs...) || (has_tangent(inputs) || ...);
 }
 
-// residual_add without dropout in grad mode (every training step of a model without dropout):
-// out = residual + x passes its gradient to both inputs unchanged. A plain graph node, as the
-// generated AddBackward0 of eager's `residual + x` is, instead of the Function's CppNode (context,
-// saved data, input metadata, a mutex in its backward). Forward + torch.autograd.grad, float32, 1
-// thread, medians of 3000 calls alternating with eager's (AMD EPYC): (8, 512, 4) 0.89x eager's -> 0.97x,
-// (8, 512, 64) 0.91x -> 0.98-1.09x, with eager first in each pair (second, (8, 512, 4) reads 1.02-1.04x).
-// Dropout and forward-mode tangents (the Function raises for them: the C++ API has no jvp) keep the
-// Function below.
+// Plain graph nodes, as the generated autograd code records for an aten op (AddBackward0 for eager's
+// `residual + x`, MulBackward0 for `x * scale`), for the calls whose backward saves no tensor:
+// residual_add without dropout (every training step of a model without dropout) and
+// positional_encoding. A Function's CppNode costs more (context, saved data, input metadata, a mutex
+// in its backward): residual_add, forward + torch.autograd.grad, float32, 1 thread, medians of 3000
+// calls alternating with eager's (AMD EPYC): (8, 512, 4) 0.89x eager's -> 0.97x, (8, 512, 64) 0.91x ->
+// 0.98-1.09x, with eager first in each pair (second, (8, 512, 4) reads 1.02-1.04x). Dropout and
+// forward-mode tangents (the Function raises for them: the C++ API has no jvp) keep the Functions below.
 struct ResidualAddBackward : public torch::autograd::Node {
+  // out = residual + x: both gradients are the incoming one
   variable_list apply(variable_list&& grads) override { return {grads[0], grads[0]}; }
   std::string name() const override { return "fasttf::ResidualAddBackward"; }
 };
+
+struct PositionalEncodingBackward : public torch::autograd::Node {
+  double scale = 1.0;
+  // out = x * scale + pe: dx = dout * scale
+  variable_list apply(variable_list&& grads) override {
+    at::Tensor dx;
+    if (grads[0].defined()) {
+      dx = call_backward_op([&] { return positional_encoding_backward_op().call(grads[0], scale); });
+    }
+    return {dx};
+  }
+  std::string name() const override { return "fasttf::PositionalEncodingBackward"; }
+};
+
+// Runs `forward` (the kernel, below autograd) and records `node` as its output's grad_fn, with an edge
+// to each of `inputs`; under a functorch transform (torch.func.grad, vjp) it raises the Function's error
+// instead, not a graph the transform does not know.
+template <typename Node, typename Forward, typename... Inputs>
+at::Tensor with_plain_node(c10::intrusive_ptr<Node> node, Forward forward, const Inputs&... inputs) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = forward();
+  }
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(out, node);
+  return out;
+}
 
 class ResidualAdd : public torch::autograd::Function<ResidualAdd> {
  public:
@@ -164,25 +196,6 @@ class AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
   }
 };
 
-class PositionalEncoding : public torch::autograd::Function<PositionalEncoding> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& offsets, int64_t offset,
-                            double scale, double base, bool batch_first) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["scale"] = scale;
-    return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor dx;
-    const double scale = ctx->saved_data["scale"].toDouble();
-    if (grads[0].defined()) {
-      dx = call_backward_op([&] { return positional_encoding_backward_op().call(grads[0], scale); });
-    }
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
 // The CPU attention kernel pair (fasttf.scaled_dot_product_attention's eager calls on CPU tensors):
 //   (dq, dk, dv, dmask) = native_attention_backward(dout, q, k, v, out, lse, ...), dmask only for a
 //   float mask that requires grad; lse is an output without a gradient.
@@ -238,7 +251,13 @@ at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& of
     at::AutoDispatchBelowADInplaceOrView guard;
     return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
   }
-  return PositionalEncoding::apply(x, offsets, offset, scale, base, batch_first);
+  // a tangent would be dropped by the plain node: an error, as the C++ Functions of the other ops raise
+  TORCH_CHECK(!has_tangent(x), "fasttf.positional_encoding: jvp (forward-mode AD) is not implemented; x carries a "
+              "forward-mode tangent (torch.autograd.forward_ad or torch.func.jvp)");
+  auto node = c10::make_intrusive<PositionalEncodingBackward>();
+  node->scale = scale;
+  return with_plain_node(
+      node, [&] { return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first); }, x);
 }
 
 at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual, double dropout_p,
@@ -248,20 +267,10 @@ at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual
     return residual_add_op().call(x, residual, dropout_p, seed);
   }
   if (dropout_p == 0.0 && !has_tangent(x) && !has_tangent(residual)) {
-    // Under a functorch transform (torch.func.grad, vjp) the same error as the Function's, not a graph
-    // the transform does not know.
-    if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
-      functorch_tls->checkSupportsCppAutogradFunction();
-    }
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = residual_add_op().call(x, residual, dropout_p, seed);  // checks the arguments
-    }
-    auto node = c10::make_intrusive<ResidualAddBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, residual));
-    torch::autograd::set_history(out, node);
-    return out;
+    return with_plain_node(
+        c10::make_intrusive<ResidualAddBackward>(),
+        [&] { return residual_add_op().call(x, residual, dropout_p, seed); },  // checks the arguments
+        x, residual);
   }
   return ResidualAdd::apply(x, residual, dropout_p, seed);
 }

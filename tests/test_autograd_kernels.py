@@ -1,8 +1,8 @@
 """The extension's C++ autograd kernels (csrc/autograd.cpp): which calls record a graph.
 
-A call records one (through its torch::autograd::Function; residual_add without dropout through a plain
-node, fasttf::ResidualAddBackward, as eager's `residual + x` records AddBackward0) when grad mode is on
-and an input requires grad; every other call -- no_grad, inference_mode, inputs without grad -- runs the kernel directly,
+A call records one (through its torch::autograd::Function; positional_encoding and residual_add
+without dropout through plain nodes, as eager's `x * scale + pe` and `residual + x` record MulBackward0
+and AddBackward0) when grad mode is on and an input requires grad; every other call -- no_grad, inference_mode, inputs without grad -- runs the kernel directly,
 with the same values and no grad_fn. A forward-mode (dual) input still goes through the Function,
 which raises: the C++ Function API has no jvp, and a kernel run directly would drop the tangent
 silently. The backward calls its backward op below autograd unless the backward is itself recorded
@@ -102,7 +102,8 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(case):
 
 
 # ----------------------------------------------------------------------------------------------
-# residual_add without dropout: a plain graph node (as eager's AddBackward0), not the Function
+# residual_add without dropout and positional_encoding: plain graph nodes (as eager's AddBackward0 and
+# MulBackward0), not a Function: their backward saves no tensor
 
 
 @pytest.mark.parametrize("device", devices())
@@ -128,15 +129,28 @@ def test_residual_add_without_dropout_records_a_plain_node(device, requiring_gra
 
 
 @pytest.mark.parametrize("device", devices())
-def test_residual_add_plain_node_accumulates_and_runs_hooks(device):
+@pytest.mark.parametrize("offsets", [False, True])
+def test_positional_encoding_records_a_plain_node(device, offsets):
+    (x,) = _inputs([(3, 5, 8)], requires_grad=True, device=device)
+    kwargs = {"offset": torch.tensor([0, 4, 9], device=device)} if offsets else {"offset": 2}
+    out = fasttf.positional_encoding(x, scale=3.0, **kwargs)
+    assert out.grad_fn.name() == "fasttf::PositionalEncodingBackward"
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    torch.testing.assert_close(grad, grad_out * 3.0, rtol=0, atol=0)  # d(x * scale + pe) = scale
+
+
+@pytest.mark.parametrize("device", devices())
+def test_plain_nodes_accumulate_and_run_hooks(device):
     x, residual = _inputs([(3, 4), (3, 4)], requires_grad=True, device=device)
     seen = []
     out = fasttf.residual_add(x, residual)
     out.register_hook(lambda grad: seen.append(grad.clone()))
     (out * 3).sum().backward()
     fasttf.residual_add(x, residual).sum().backward()
+    fasttf.positional_encoding(x, scale=0.5).sum().backward()
     assert len(seen) == 1 and bool((seen[0] == 3).all())
-    torch.testing.assert_close(x.grad, torch.full_like(x, 4.0), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 4.5), rtol=0, atol=0)
     torch.testing.assert_close(residual.grad, torch.full_like(residual, 4.0), rtol=0, atol=0)
 
 
@@ -146,8 +160,11 @@ def test_residual_add_with_dropout_keeps_the_function():
     assert fasttf.residual_add(x, residual, dropout_p=0.1).grad_fn.name() != "fasttf::ResidualAddBackward"
 
 
-def test_residual_add_under_torch_func_grad_raises_as_the_function_does():
+@pytest.mark.parametrize("op", ["residual_add", "positional_encoding"])
+def test_plain_nodes_under_torch_func_grad_raise_as_the_functions_do(op):
     x, residual = _inputs([(3, 4), (3, 4)], requires_grad=False, device="cpu")
+    function = {"residual_add": lambda a: fasttf.residual_add(a, residual),
+                "positional_encoding": lambda a: fasttf.positional_encoding(a)}[op]
     with pytest.raises(RuntimeError, match="functorch"):
-        torch.func.grad(lambda a: fasttf.residual_add(a, residual).sum())(x)
-    assert fasttf.residual_add(x.requires_grad_(), residual).grad_fn.name() == "fasttf::ResidualAddBackward"
+        torch.func.grad(lambda a: function(a).sum())(x)
+    assert function(x.requires_grad_()).grad_fn.name().startswith("fasttf::")  # and the next call records again
