@@ -1,7 +1,7 @@
 // Argument checks and shapes shared by the CPU and CUDA entry points of every op. Each check
 // names the op and the argument (TORCH_CHECK raises RuntimeError, TORCH_CHECK_VALUE ValueError).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <optional>

@@ -5,7 +5,7 @@
 // extension built there) every message with a number streamed from here crashed the process with
 // a segfault instead of raising, while the same messages without numbers raised as they should.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdio>
 #include <string>

@@ -10,6 +10,7 @@
 #include "cpu/row_math.h"
 #include "philox.h"
 #include "ops.h"
+#include "sdpa_fast_path.h"
 
 TORCH_LIBRARY(fasttf, m) {
   m.def("positional_encoding(Tensor x, Tensor? offsets, int offset, float scale, float base, bool batch_first) "

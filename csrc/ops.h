@@ -1,6 +1,7 @@
 // The extension's kernels, one declaration per device. Schemas and bindings live in fasttf.cpp.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <tuple>
@@ -78,10 +79,5 @@ namespace cuda {
 FASTTF_DECLARE_OPS
 }  // namespace cuda
 #endif
-
-// fasttf.scaled_dot_product_attention's eager call on CPU tensors, or None where the Python path must
-// take it (sdpa_fast_path.cpp).
-py::object native_sdpa_or_none(py::handle query, py::handle key, py::handle value, py::handle attn_mask,
-                               py::handle dropout_p, py::handle is_causal, py::handle scale, py::handle enable_gqa);
 
 }  // namespace fasttf

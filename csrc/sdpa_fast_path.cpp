@@ -27,6 +27,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "sdpa_fast_path.h"
 
 namespace fasttf {
 namespace {

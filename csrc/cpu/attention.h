@@ -32,7 +32,7 @@
 // (and with FASTTF_CPU_ISA below avx512) bfloat16 inputs are converted to float32 and take the
 // float32 products.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
