@@ -2,10 +2,11 @@
 
 A call records one (through its torch::autograd::Function; positional_encoding and residual_add
 without dropout through plain nodes, as eager's `x * scale + pe` and `residual + x` record MulBackward0
-and AddBackward0) when grad mode is on and an input requires grad; every other call -- no_grad, inference_mode, inputs without grad -- runs the kernel directly,
-with the same values and no grad_fn. A forward-mode (dual) input still goes through the Function,
-which raises: the C++ Function API has no jvp, and a kernel run directly would drop the tangent
-silently. The backward calls its backward op below autograd unless the backward is itself recorded
+and AddBackward0) when grad mode is on and an input requires grad; every other call -- no_grad,
+inference_mode, inputs without grad -- runs the kernel directly, with the same values and no grad_fn.
+A forward-mode (dual) input raises (through the Function, or positional_encoding's own check): the C++
+Function API has no jvp, and a kernel run directly would drop the tangent silently. The backward calls
+its backward op below autograd unless the backward is itself recorded
 (create_graph=True: tests/test_second_order_gradients.py).
 """
 
