@@ -67,6 +67,13 @@ OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) :
 bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
 
+// A plain node (below) would drop a forward-mode tangent silently, and a Function raises a generic
+// error for one (the C++ API has no jvp): the ops recording plain nodes check first, naming the input.
+void check_no_tangent(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(!has_tangent(t), "fasttf.", op, ": jvp (forward-mode AD) is not implemented; ", name,
+              " carries a forward-mode tangent (torch.autograd.forward_ad or torch.func.jvp)");
+}
+
 // The backward ops' own autograd kernels are in Python (torch.library.register_autograd: a double
 // backward, or a clear error that there is none); they matter only where the backward is itself
 // recorded (create_graph=True: grad mode on inside it). Elsewhere the backward calls the op below
@@ -78,8 +85,8 @@ auto call_backward_op(Call call) {
   return call();
 }
 
-// Whether a call goes through its autograd Function: grad mode on and an input that requires grad, or
-// an input with a forward-mode tangent (the Function raises for it: the C++ API has no jvp). The other
+// Whether a call records a graph: grad mode on and an input that requires grad, or an input with a
+// forward-mode tangent (which raises there: a Function's C++ API has no jvp). The other
 // calls -- inference, no_grad, inputs without grad -- run the kernel directly: Function::apply builds a
 // graph node even when it is not kept, ~1 us of a call.
 template <typename... Tensors>
@@ -93,8 +100,8 @@ bool needs_autograd(const Tensors&... inputs) {
 // positional_encoding. A Function's CppNode costs more (context, saved data, input metadata, a mutex
 // in its backward): residual_add, forward + torch.autograd.grad, float32, 1 thread, medians of 3000
 // calls alternating with eager's (AMD EPYC): (8, 512, 4) 0.89x eager's -> 0.97x, (8, 512, 64) 0.91x ->
-// 0.98-1.09x, with eager first in each pair (second, (8, 512, 4) reads 1.02-1.04x). Dropout and
-// forward-mode tangents (the Function raises for them: the C++ API has no jvp) keep the Functions below.
+// 0.98-1.09x, with eager first in each pair (second, (8, 512, 4) reads 1.02-1.04x). Dropout keeps
+// a Function (ResidualAddDropout, below); a forward-mode tangent raises first (check_no_tangent).
 struct ResidualAddBackward : public torch::autograd::Node {
   // out = residual + x: both gradients are the incoming one
   variable_list apply(variable_list&& grads) override { return {grads[0], grads[0]}; }
@@ -132,22 +139,24 @@ at::Tensor with_plain_node(c10::intrusive_ptr<Node> node, Forward forward, const
   return out;
 }
 
-class ResidualAdd : public torch::autograd::Function<ResidualAdd> {
+// out = residual + dropout(x), dropout_p > 0 (without dropout: ResidualAddBackward above). The backward
+// regenerates x's keep bits from the saved seed: dx = keep * dout / (1 - p), dresidual = dout.
+class ResidualAddDropout : public torch::autograd::Function<ResidualAddDropout> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual, double dropout_p,
                             const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = residual_add_op().call(x, residual, dropout_p, seed);  // checks the arguments
+    auto out = residual_add_op().call(x, residual, dropout_p, seed);  // checks the arguments, the seed's too
     ctx->saved_data["dropout_p"] = dropout_p;
-    if (dropout_p > 0.0) ctx->save_for_backward({*seed});
+    ctx->save_for_backward({*seed});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];
-    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
-    at::Tensor dx = grad;
-    if (dropout_p > 0.0 && grad.defined()) {
+    at::Tensor dx;
+    if (grad.defined()) {
+      const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
       const at::Tensor seed = ctx->get_saved_variables()[0];
       dx = call_backward_op([&] { return residual_add_backward_op().call(grad, dropout_p, optional_of(seed)); });
     }
@@ -251,9 +260,7 @@ at::Tensor positional_encoding_autograd(const at::Tensor& x, const OptTensor& of
     at::AutoDispatchBelowADInplaceOrView guard;
     return positional_encoding_op().call(x, offsets, offset, scale, base, batch_first);
   }
-  // a tangent would be dropped by the plain node: an error, as the C++ Functions of the other ops raise
-  TORCH_CHECK(!has_tangent(x), "fasttf.positional_encoding: jvp (forward-mode AD) is not implemented; x carries a "
-              "forward-mode tangent (torch.autograd.forward_ad or torch.func.jvp)");
+  check_no_tangent("positional_encoding", "x", x);
   auto node = c10::make_intrusive<PositionalEncodingBackward>();
   node->scale = scale;
   return with_plain_node(
@@ -266,13 +273,13 @@ at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual
     at::AutoDispatchBelowADInplaceOrView guard;
     return residual_add_op().call(x, residual, dropout_p, seed);
   }
-  if (dropout_p == 0.0 && !has_tangent(x) && !has_tangent(residual)) {
-    return with_plain_node(
-        c10::make_intrusive<ResidualAddBackward>(),
-        [&] { return residual_add_op().call(x, residual, dropout_p, seed); },  // checks the arguments
-        x, residual);
-  }
-  return ResidualAdd::apply(x, residual, dropout_p, seed);
+  check_no_tangent("residual_add", "x", x);
+  check_no_tangent("residual_add", "residual", residual);
+  if (dropout_p > 0.0) return ResidualAddDropout::apply(x, residual, dropout_p, seed);
+  return with_plain_node(
+      c10::make_intrusive<ResidualAddBackward>(),
+      [&] { return residual_add_op().call(x, residual, dropout_p, seed); },  // checks the arguments
+      x, residual);
 }
 
 Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,

@@ -4,10 +4,10 @@ A call records one (through its torch::autograd::Function; positional_encoding a
 without dropout through plain nodes, as eager's `x * scale + pe` and `residual + x` record MulBackward0
 and AddBackward0) when grad mode is on and an input requires grad; every other call -- no_grad,
 inference_mode, inputs without grad -- runs the kernel directly, with the same values and no grad_fn.
-A forward-mode (dual) input raises (through the Function, or positional_encoding's own check): the C++
-Function API has no jvp, and a kernel run directly would drop the tangent silently. The backward calls
-its backward op below autograd unless the backward is itself recorded
-(create_graph=True: tests/test_second_order_gradients.py).
+A forward-mode (dual) input raises (through the Function, or residual_add's and positional_encoding's
+own check, naming the input): the C++ Function API has no jvp, and a kernel run directly would drop the
+tangent silently. The backward calls its backward op below autograd unless the backward is itself
+recorded (create_graph=True: tests/test_second_order_gradients.py).
 """
 
 import pytest
@@ -153,6 +153,20 @@ def test_plain_nodes_accumulate_and_run_hooks(device):
     assert len(seen) == 1 and bool((seen[0] == 3).all())
     torch.testing.assert_close(x.grad, torch.full_like(x, 4.5), rtol=0, atol=0)
     torch.testing.assert_close(residual.grad, torch.full_like(residual, 4.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dual", ["x", "residual"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_residual_add_dual_input_raises_naming_it(device, dual, dropout_p):
+    x, residual = _inputs([(2, 5, 8), (2, 5, 8)], requires_grad=False, device=device)
+    with fwAD.dual_level():
+        if dual == "x":
+            x = fwAD.make_dual(x, torch.ones_like(x))
+        else:
+            residual = fwAD.make_dual(residual, torch.ones_like(residual))
+        with pytest.raises(RuntimeError, match=f"residual_add: jvp .* {dual} carries a forward-mode tangent"):
+            fasttf.residual_add(x, residual, dropout_p=dropout_p)
 
 
 def test_residual_add_with_dropout_keeps_the_function():
