@@ -21,8 +21,8 @@ import triton.language as tl
 
 from fasttf.kernels.attention_common import (
     AUTOTUNE_KEY, INTERPRET, INTERPRET_BLOCK, LOG2E, configs, dot, dropout_args, dropout_keep,
-    dropout_keep_transposed, emulate_bf16, grid, input_precision, load_mask_tile, mask_args, padded_dim,
-    program_coords, prune_for, to_dtype)
+    dropout_keep_transposed, emulate_bf16, grid, input_precision, load_mask_tile, mask_args, masked_scores,
+    padded_dim, program_coords, prune_for, to_dtype)
 
 
 @triton.jit
@@ -182,16 +182,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, dw_base, see
             else:
                 vt = tl.load(vt_ptrs, mask=offs_ev[:, None] < EV, other=0.0)
         s = dot(q, tl.trans(k), None, EMULATE_BF16, INPUT_PRECISION) * qk_scale
-        if MASK_KIND == 2:
-            s += load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
-        if MASK_KIND == 1:
-            s = tl.where(load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND),
-                         s, float("-inf"))
-        if BOUNDARY:
-            allowed = offs_n[None, :] < S
-            if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(allowed, s, float("-inf"))
+        s = masked_scores(s, mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND, BOUNDARY, CAUSAL)
         p = tl.math.exp2(s - lse[:, None])
         dp = dot(do, vt, None, EMULATE_BF16, INPUT_PRECISION)
         if HAS_DW:

@@ -245,6 +245,25 @@ def load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_K
 
 
 @triton.jit
+def masked_scores(s, mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND: tl.constexpr,
+                  BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr):
+    """The score tile s (BLOCK_M, BLOCK_N) with the mask applied: a float mask added (log2 units), a
+    bool mask's False set to -inf; on a tile that straddles the end of the keys or the diagonal
+    (BOUNDARY), the keys past S and (CAUSAL) the keys after their query set to -inf too."""
+    if MASK_KIND == 2:
+        s += load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
+    if MASK_KIND == 1:
+        s = tl.where(load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND),
+                     s, float("-inf"))
+    if BOUNDARY:
+        allowed = offs_n[None, :] < S
+        if CAUSAL:
+            allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def probs_tile(q, k_base, mask_base, lse, offs_m, offs_n, offs_e, stride_kn, stride_ke, stride_mm, stride_mn,
                L, S, E, qk_scale, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                EMULATE_BF16: tl.constexpr):

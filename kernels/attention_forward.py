@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from fasttf.kernels.attention_common import (
-    AUTOTUNE_KEY, LOG2E, configs, dot, dropout_args, dropout_keep, emulate_bf16, grid, input_precision,
-    load_mask_tile, mask_args, padded_dim, program_coords, prune_for, to_dtype)
+    AUTOTUNE_KEY, LOG2E, configs, dot, dropout_args, dropout_keep, emulate_bf16, grid, input_precision, mask_args,
+    masked_scores, padded_dim, program_coords, prune_for, to_dtype)
 
 
 @triton.jit
@@ -42,16 +42,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, off_bh,
             else:
                 v = tl.load(v_ptrs, mask=offs_ev[None, :] < EV, other=0.0)
         s = dot(q, kt, None, EMULATE_BF16, INPUT_PRECISION) * qk_scale
-        if MASK_KIND == 2:
-            s += load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND)
-        if MASK_KIND == 1:
-            s = tl.where(load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND),
-                         s, float("-inf"))
-        if BOUNDARY:
-            allowed = offs_n[None, :] < S
-            if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(allowed, s, float("-inf"))
+        s = masked_scores(s, mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, MASK_KIND, BOUNDARY, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 at 0
         p = tl.math.exp2(s - m_base[:, None])
