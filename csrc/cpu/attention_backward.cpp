@@ -16,7 +16,10 @@
 //   (on the bfloat16 products, attention.h: p z and ds rounded to bfloat16 for their products;
 //   dQ, dK, dV summed in float32)
 // (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
-// operand on the micro-kernel of attention_panels.cpp, a head's K and V packed once by its task)
+// operand on the micro-kernel of attention_panels.cpp, a head's K and V packed once by its task.
+// (p z)^T dO and ds^T Q stay on MKL: the micro-kernel reading the transposed tile, dO_i and Q_i packed,
+// measured the same on an AMD EPYC (L = 1024, 1 thread: 18.4% of the backward's samples against
+// MKL's 18.8% with its packing; results bit-equal, both sum k in order with FMAs).)
 //
 // The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
