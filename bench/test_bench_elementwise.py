@@ -5,6 +5,7 @@ writes today (the group's baseline for the speedup):
     residual_add         fasttf.residual_add(x, residual, dropout_p=p)  vs  residual + F.dropout(x, p)
     add_layer_norm       fasttf.add_layer_norm(x, residual, w, b, dropout_p=p)
                                                            vs  F.layer_norm(residual + F.dropout(x, p), (D,), w, b)
+    dropout              fasttf.dropout(x, p)                           vs  F.dropout(x, p)
 
 GB/s count the op's minimum I/O in bytes, M = N·T·D elements of b bytes each; the backward of an add
 needs no new tensor where no dropout scales it (the gradient passes through as it is):
@@ -13,6 +14,7 @@ needs no new tensor where no dropout scales it (the gradient passes through as i
                          or +2M·b (p > 0: read dy, write dx)
     add_layer_norm       forward 4M·b (read x, residual, write y, s); backward +3M·b (read dy, s, write
                          dresidual) or +4M·b (p > 0: also write dx)
+    dropout              forward 2M·b (read x, write y); backward +2M·b (read dy, write dx)
 (dropout's keep-mask is not counted: fasttf regenerates it from a seed, eager torch writes and reads it).
 Each group also times `out.copy_(x)` of one (N, T, D) tensor (2M·b bytes): the bandwidth a memory-bound
 op can reach on this device, measured in the same run (issue 4's GPU target: >= 85% of it); the
@@ -49,7 +51,8 @@ def shapes():
 
 
 # the op's minimum bytes read + written in units of M·b: (forward, backward without dropout, with dropout)
-IO_UNITS = {"positional_encoding": (2, 2, 2), "residual_add": (3, 0, 2), "add_layer_norm": (4, 3, 4)}
+IO_UNITS = {"positional_encoding": (2, 2, 2), "residual_add": (3, 0, 2), "add_layer_norm": (4, 3, 4),
+            "dropout": (2, 2, 2)}
 
 
 def io_units(op, backward, dropout_p):
@@ -78,6 +81,10 @@ def make_case(op, impl, dropout_p, dtype, shape, backward):
         # what a user writes: a table computed once (here for the positions in use), then one fused line
         pe = reference.sinusoid_table(torch.arange(length, device=DEVICE), dim).to(dtype)
         return (lambda: x * scale + pe[:length]), (x,)
+    if op == "dropout":
+        if impl == "fasttf":
+            return (lambda: fasttf.dropout(x, dropout_p)), (x,)
+        return (lambda: F.dropout(x, dropout_p)), (x,)
     residual = tensor(batch, length, dim)
     if op == "residual_add":
         if impl == "fasttf":
@@ -106,7 +113,7 @@ def timed_call(op, impl, dropout_p, dtype, shape, backward):
 
 
 CASES = [("positional_encoding", 0.0), ("residual_add", 0.0), ("residual_add", 0.1), ("add_layer_norm", 0.0),
-         ("add_layer_norm", 0.1)]
+         ("add_layer_norm", 0.1), ("dropout", 0.1)]
 
 
 @pytest.mark.parametrize("impl", ("fasttf", "eager", "copy"))

@@ -1,5 +1,6 @@
-// The autograd kernels of residual_add, add_layer_norm, positional_encoding and the CPU attention kernel, in C++
-// (torch::autograd::Function; positional_encoding and residual_add without dropout plain graph nodes):
+// The autograd kernels of residual_add, add_layer_norm, positional_encoding, dropout and the CPU attention kernel,
+// in C++ (torch::autograd::Function; positional_encoding, dropout and residual_add without dropout plain graph
+// nodes):
 // without a Python autograd.Function on the way, a call costs about what eager's `residual + x`
 // costs, which matters at small D where the kernels take tens of microseconds. The forward
 // calls the device kernel below autograd; the backward calls the backward op through the
@@ -9,6 +10,7 @@
 //   add_layer_norm: (dresidual, dx, dweight, dbias) = add_layer_norm_backward(dout, ds, ...), dx = dresidual
 //                   without dropout; mean and rstd are outputs without a gradient.
 //   positional_encoding: dx = positional_encoding_backward(dy, scale)
+//   dropout:        dinput = dropout(dy, p, seed)
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
@@ -27,6 +29,11 @@ c10::TypedOperatorHandle<decltype(cpu::residual_add)> residual_add_op() {
 
 c10::TypedOperatorHandle<decltype(cpu::residual_add_backward)> residual_add_backward_op() {
   static const auto handle = dispatcher_op<decltype(cpu::residual_add_backward)>("fasttf::residual_add_backward");
+  return handle;
+}
+
+c10::TypedOperatorHandle<decltype(cpu::dropout)> dropout_op() {
+  static const auto handle = dispatcher_op<decltype(cpu::dropout)>("fasttf::dropout");
   return handle;
 }
 
@@ -119,6 +126,18 @@ struct PositionalEncodingBackward : public torch::autograd::Node {
     return {dx};
   }
   std::string name() const override { return "fasttf::PositionalEncodingBackward"; }
+};
+
+struct DropoutBackward : public torch::autograd::Node {
+  double dropout_p = 0.0;
+  OptTensor seed;  // a 0-dim int64 CPU tensor (no gradient, no graph)
+  // out = input * m: dinput = dout * m, the same op with the same seed (so a double backward records it again)
+  variable_list apply(variable_list&& grads) override {
+    at::Tensor dx;
+    if (grads[0].defined()) dx = call_backward_op([&] { return dropout_op().call(grads[0], dropout_p, seed); });
+    return {dx};
+  }
+  std::string name() const override { return "fasttf::DropoutBackward"; }
 };
 
 // Runs `forward` (the kernel, below autograd) and records `node` as its output's grad_fn, with an edge
@@ -282,6 +301,19 @@ at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& residual
       x, residual);
 }
 
+// fasttf.dropout: a plain node too (its backward keeps only the seed, no tensor of the graph).
+at::Tensor dropout_autograd(const at::Tensor& input, double dropout_p, const OptTensor& seed) {
+  if (!needs_autograd(input)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dropout_op().call(input, dropout_p, seed);
+  }
+  check_no_tangent("dropout", "input", input);
+  auto node = c10::make_intrusive<DropoutBackward>();
+  node->dropout_p = dropout_p;
+  node->seed = seed;
+  return with_plain_node(node, [&] { return dropout_op().call(input, dropout_p, seed); }, input);  // checks
+}
+
 Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,
                                 const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed) {
   if (!needs_autograd(x, residual, weight, bias)) {
@@ -296,6 +328,7 @@ Tensor4 add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual,
 
 TORCH_LIBRARY_IMPL(fasttf, Autograd, m) {
   m.impl("residual_add", &residual_add_autograd);
+  m.impl("dropout", &dropout_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
   m.impl("positional_encoding", &positional_encoding_autograd);
   m.impl("native_attention_forward", &native_attention_autograd);

@@ -18,6 +18,7 @@ TORCH_LIBRARY(fasttf, m) {
   m.def("positional_encoding_backward(Tensor grad, float scale) -> Tensor");
   m.def("residual_add(Tensor x, Tensor residual, float dropout_p=0.0, Tensor? seed=None) -> Tensor");
   m.def("residual_add_backward(Tensor grad, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("dropout(Tensor input, float dropout_p, Tensor? seed) -> Tensor");
   m.def("dropout_keep_mask(Tensor like, float dropout_p, Tensor? seed) -> Tensor");
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
         "Tensor? seed) -> (Tensor out, Tensor s, Tensor mean, Tensor rstd)");
@@ -46,6 +47,7 @@ TORCH_LIBRARY(fasttf, m) {
   m.impl("positional_encoding_backward", &fasttf::ns::positional_encoding_backward); \
   m.impl("residual_add", &fasttf::ns::residual_add);                          \
   m.impl("residual_add_backward", &fasttf::ns::residual_add_backward);        \
+  m.impl("dropout", &fasttf::ns::dropout);                                    \
   m.impl("dropout_keep_mask", &fasttf::ns::dropout_keep_mask);                \
   m.impl("add_layer_norm", &fasttf::ns::add_layer_norm);                      \
   m.impl("add_layer_norm_backward", &fasttf::ns::add_layer_norm_backward);
@@ -82,6 +84,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::residual_add)>("fasttf::residual_add");
     return op.call(x, residual, dropout_p, seed);
   }, py::arg("x"), py::arg("residual"), py::arg("dropout_p") = 0.0, py::arg("seed") = py::none());
+  m.def("dropout", [](const at::Tensor& input, double dropout_p, const fasttf::OptTensor& seed) {
+    static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::dropout)>("fasttf::dropout");
+    return op.call(input, dropout_p, seed);
+  }, py::arg("input"), py::arg("dropout_p"), py::arg("seed"));
   m.def("dropout_keep_mask", [](const at::Tensor& like, double dropout_p, const fasttf::OptTensor& seed) {
     static const auto op = fasttf::dispatcher_op<decltype(fasttf::cpu::dropout_keep_mask)>("fasttf::dropout_keep_mask");
     return op.call(like, dropout_p, seed);

@@ -25,6 +25,7 @@ c10::TypedOperatorHandle<Signature> dispatcher_op(const char* name) {
   at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double dropout_p,                    \
                           const OptTensor& seed);                                                               \
   at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed);            \
+  at::Tensor dropout(const at::Tensor& input, double dropout_p, const OptTensor& seed);                        \
   at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const OptTensor& seed);                \
   Tensor4 add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,              \
                          const OptTensor& bias, double eps, double dropout_p, const OptTensor& seed);           \

@@ -152,6 +152,16 @@ def positional_encoding(x, offset=0, *, scale=1.0, base=10000.0, batch_first=Tru
     return (x.double() * scale + pe).to(x.dtype)
 
 
+def dropout(input, p=0.5, training=True, inplace=False, dropout_mask=None):
+    """torch.nn.functional.dropout: kept values scaled by 1 / (1 - p), the others 0 (all 0 at p = 1)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return input
+    out = input * 0.0 if p == 1.0 else apply_dropout(input, p, dropout_mask)
+    return input.copy_(out) if inplace else out
+
+
 def residual_add(x, residual, *, dropout_p=0.0, training=True, dropout_mask=None):
     """residual + dropout(x): the residual connection of the notes."""
     if training and dropout_p > 0.0:

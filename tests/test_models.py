@@ -80,7 +80,7 @@ def test_same_weights_give_the_same_logits_loss_and_gradients(norm_first):
 def test_the_fasttf_backend_runs_fasttf_ops_and_the_torch_backend_none(norm_first, monkeypatch):
     import fasttf.models.transformer as module
 
-    calls = {"sdpa": 0, "pe": 0, "add_ln": 0, "nn.MultiheadAttention": 0}
+    calls = {"sdpa": 0, "pe": 0, "add_ln": 0, "dropout": 0, "nn.MultiheadAttention": 0, "torch dropout": 0}
 
     def counting(name, function):
         def wrapper(*args, **kwargs):
@@ -91,13 +91,18 @@ def test_the_fasttf_backend_runs_fasttf_ops_and_the_torch_backend_none(norm_firs
     monkeypatch.setattr(module, "fasttf_sdpa", counting("sdpa", module.fasttf_sdpa))
     monkeypatch.setattr(module, "fasttf_positional_encoding", counting("pe", module.fasttf_positional_encoding))
     monkeypatch.setattr(module, "fasttf_add_layer_norm", counting("add_ln", module.fasttf_add_layer_norm))
+    monkeypatch.setattr(module, "fasttf_dropout", counting("dropout", module.fasttf_dropout))
     monkeypatch.setattr(nn.MultiheadAttention, "forward", counting("nn.MultiheadAttention", nn.MultiheadAttention.forward))
+    monkeypatch.setattr(module.F, "dropout", counting("torch dropout", module.F.dropout))
     src, tgt_in, tgt_out = batch()
     make_model("fasttf", norm_first=norm_first)(src, tgt_in, tgt_out)[1].backward()
-    # 2 encoder layers x 1 attention + 2 decoder layers x 2; 2 PE; 2 x 2 + 2 x 3 add + LayerNorm
-    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "nn.MultiheadAttention": 0}
+    # 2 encoder layers x 1 attention + 2 decoder layers x 2; 2 PE; 2 x 2 + 2 x 3 add + LayerNorm;
+    # dropout after the 2 embeddings and in the 4 feed-forwards
+    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "dropout": 6, "nn.MultiheadAttention": 0, "torch dropout": 0}
     make_model("torch", norm_first=norm_first)(src, tgt_in, tgt_out)
-    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "nn.MultiheadAttention": 6}
+    torch_dropouts = calls.pop("torch dropout")  # 6, the residuals' 10, and whatever nn.MultiheadAttention calls
+    assert calls == {"sdpa": 6, "pe": 2, "add_ln": 10, "dropout": 6, "nn.MultiheadAttention": 6}
+    assert torch_dropouts >= 16
 
 
 def test_dropout_trains_on_the_fasttf_backend():

@@ -83,6 +83,23 @@ def test_dropout_keeps_the_expected_fraction():
     assert abs(fraction - 0.75) < 5e-3
 
 
+def test_dropout_follows_torchs_functional_dropout():
+    x = torch.randn(6, 40, dtype=torch.float64)
+    keep = torch.rand(6, 40) >= 0.3
+    torch.testing.assert_close(reference.dropout(x, 0.3, dropout_mask=keep), x * keep / 0.7)
+    for kwargs in (dict(p=0.5, training=False), dict(p=0.0)):
+        assert reference.dropout(x, **kwargs) is x and F.dropout(x, **kwargs) is x
+    torch.testing.assert_close(reference.dropout(x, 1.0), F.dropout(x, 1.0))
+    y = x.clone()
+    assert reference.dropout(y, 0.3, inplace=True, dropout_mask=keep) is y
+    torch.testing.assert_close(y, x * keep / 0.7)
+    torch.manual_seed(3)
+    kept = (reference.dropout(torch.ones(100_000), 0.25) != 0).double().mean().item()
+    assert abs(kept - 0.75) < 0.01
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        reference.dropout(x, 1.5)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("masks", ["none", "bool", "float"])
 def test_multi_head_attention_matches_torch(batch_first, masks):

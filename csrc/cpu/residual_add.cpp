@@ -1,6 +1,7 @@
 // residual_add on the CPU, one pass:
 //   out = residual + x * m,   m = keep(seed, i) / (1 - p)   (m = 1 without dropout)
 // backward:  dresidual = dy (no kernel),  dx = dy * m  (the mask regenerated from the seed).
+// dropout (fasttf.dropout) is the same pass without a residual: out = input * m, backward dy * m.
 #include <ATen/Parallel.h>
 
 #include "../args.h"
@@ -44,6 +45,21 @@ void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int
   });
 }
 
+// t * m: dropout itself (fasttf.dropout, forward and backward) and residual_add's dx.
+at::Tensor scaled_by_mask(const char* op, const char* name, const at::Tensor& t, double dropout_p,
+                          const OptTensor& seed) {
+  check_floating(op, t, name);
+  check_dropout(op, dropout_p, seed);
+  const auto t_c = t.contiguous();
+  auto out = at::empty_like(t_c);
+  const uint64_t seed_v = seed_value(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_c.scalar_type(), "scaled_by_mask_cpu", [&] {
+    add_dropout<scalar_t>(t_c.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), t_c.numel(), dropout_p,
+                          seed_v);
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double dropout_p, const OptTensor& seed) {
@@ -61,15 +77,11 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double 
 }
 
 at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed) {
-  check_floating("residual_add_backward", grad, "grad");
-  check_dropout("residual_add_backward", dropout_p, seed);
-  const auto g = grad.contiguous();
-  auto dx = at::empty_like(g);
-  const uint64_t seed_v = seed_value(seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "residual_add_backward_cpu", [&] {
-    add_dropout<scalar_t>(g.data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), g.numel(), dropout_p, seed_v);
-  });
-  return dx;
+  return scaled_by_mask("residual_add_backward", "grad", grad, dropout_p, seed);
+}
+
+at::Tensor dropout(const at::Tensor& input, double dropout_p, const OptTensor& seed) {
+  return scaled_by_mask("dropout", "input", input, dropout_p, seed);
 }
 
 // keep[i] = philox word of (seed, i) >= floor(p * 2^32), for a tensor shaped like `like`.

@@ -114,16 +114,26 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& residual, double 
   return out;
 }
 
+namespace {
+// t * m: residual_add's dx and dropout itself (forward and backward).
+at::Tensor scaled_by_mask(const char* op, const at::Tensor& t, double dropout_p, const OptTensor& seed) {
+  check_dropout(op, dropout_p, seed);
+  const DType dtype = cuda_dtype(op, t);
+  const c10::cuda::CUDAGuard guard(t.device());
+  const auto t_c = t.contiguous();
+  auto out = at::empty_like(t_c);
+  check_launch(op, launch_residual_add(dtype, t_c.data_ptr(), nullptr, out.data_ptr(), t_c.numel(), dropout_p,
+                                       seed_value(seed), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+}  // namespace
+
 at::Tensor residual_add_backward(const at::Tensor& grad, double dropout_p, const OptTensor& seed) {
-  check_dropout("residual_add_backward", dropout_p, seed);
-  const DType dtype = cuda_dtype("residual_add_backward", grad);
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const auto g = grad.contiguous();
-  auto dx = at::empty_like(g);
-  check_launch("residual_add_backward", launch_residual_add(dtype, g.data_ptr(), nullptr, dx.data_ptr(), g.numel(),
-                                                            dropout_p, seed_value(seed),
-                                                            c10::cuda::getCurrentCUDAStream()));
-  return dx;
+  return scaled_by_mask("residual_add_backward", grad, dropout_p, seed);
+}
+
+at::Tensor dropout(const at::Tensor& input, double dropout_p, const OptTensor& seed) {
+  return scaled_by_mask("dropout", input, dropout_p, seed);
 }
 
 at::Tensor dropout_keep_mask(const at::Tensor& like, double dropout_p, const OptTensor& seed) {

@@ -29,7 +29,8 @@ Two backends, one set of parameters (the same `state_dict` loads into both):
     (3D, D) stacking Wq, Wk, Wv; out_proj), `fasttf.positional_encoding` and
     `fasttf.add_layer_norm` (add + LayerNorm in one pass; in pre-LN each add is fused with the
     LayerNorm that follows it, so only the very first LayerNorm of a stack runs alone, as
-    `F.layer_norm`: there is no add before it to fuse).
+    `F.layer_norm`: there is no add before it to fuse), and `fasttf.dropout` after the embedding
+    and inside the feed-forward (torch's CPU dropout draws its mask ~7x slower).
 Masks go to the kernels as they are: the source padding as a bool (N, 1, 1, S) "keep" mask,
 the decoder's causality as `is_causal`. Targets are padded on the right, so causality already
 keeps every real target word away from the padding after it.
@@ -49,13 +50,14 @@ from torch import nn
 from fasttf import reference
 from fasttf.multihead_attention import MultiheadAttention as FasttfMultiheadAttention
 from fasttf.ops.attention import scaled_dot_product_attention as fasttf_sdpa
+from fasttf.ops.dropout import dropout as fasttf_dropout
 from fasttf.ops.positional_encoding import positional_encoding as fasttf_positional_encoding
 from fasttf.ops.residual import add_layer_norm as fasttf_add_layer_norm
 
 BACKENDS = ("fasttf", "torch")
 
 # ----------------------------------------------------------------------------------------------
-# The three ops where the backends differ: positional encoding, add + LayerNorm, attention.
+# The ops where the backends differ: positional encoding, add + LayerNorm, attention, dropout.
 
 
 def add_positions(backend, x, offset, scale):
@@ -72,6 +74,13 @@ def add_norm(backend, x, residual, norm: nn.LayerNorm, dropout_p: float, trainin
                                      dropout_p=dropout_p, training=training)
     s = residual + F.dropout(x, dropout_p, training)
     return F.layer_norm(s, norm.normalized_shape, norm.weight, norm.bias, norm.eps), s
+
+
+def dropout(backend, x, p: float, training: bool):
+    """Dropout outside a residual connection (after the embedding, inside the feed-forward)."""
+    if backend == "fasttf":
+        return fasttf_dropout(x, p, training)
+    return F.dropout(x, p, training)
 
 
 def split_heads(x, num_heads):
@@ -166,7 +175,7 @@ class EncoderLayer(nn.Module):
         self.record = None  # a dict of lists while Transformer.attention_maps runs
 
     def feed_forward(self, h):
-        return self.linear2(F.dropout(F.relu(self.linear1(h)), self.dropout, self.training))
+        return self.linear2(dropout(self.backend, F.relu(self.linear1(h)), self.dropout, self.training))
 
     def residual(self, out, x, norm):
         normed, s = add_norm(self.backend, out, x, norm, self.dropout, self.training)
@@ -269,7 +278,7 @@ class Transformer(nn.Module):
         if offset + words.size(1) > self.max_len:
             raise ValueError(f"Transformer: positions up to {offset + words.size(1)} exceed max_len={self.max_len}")
         x = add_positions(self.backend, embedding(words), offset, self.embedding_scale)
-        return F.dropout(x, self.dropout, self.training)
+        return dropout(self.backend, x, self.dropout, self.training)
 
     def first_input(self, x, layers):
         """What the first sublayer of a stack reads: x (post-LN) or LN(x) (pre-LN, a lone LN)."""
