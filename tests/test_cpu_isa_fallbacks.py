@@ -3,9 +3,9 @@ AVX-512, on AVX2 and in plain C++, and the row passes of residual_add, add_layer
 positional_encoding (csrc/cpu/row_math.cpp, norm_rows.cpp) at each vector width. A CPU runs only its best path, so
 the lower ones are forced with FASTTF_CPU_ISA (csrc/cpu/simd.h, read once per process) in a fresh
 process that runs the Philox known-answer tests, the native attention kernel's tests and those ops'
-tests. Each run also streams every elementwise call's outputs past the caches
-(FASTTF_CPU_STREAM_MIN_BYTES=0, csrc/cpu/row_math.h), a path the suite's small shapes never take
-otherwise; "best" runs this CPU's own path so."""
+tests (dropout's too: its float pass multiplies in the Philox registers). Each run also streams every
+elementwise call's outputs past the caches (FASTTF_CPU_STREAM_MIN_BYTES=0, csrc/cpu/row_math.h), a path
+the suite's small shapes never take otherwise; "best" runs this CPU's own path so."""
 
 import os
 import subprocess
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-FILES = ["test_philox.py", "test_attention_native.py", "test_residual.py", "test_add_layer_norm.py",
-         "test_positional_encoding.py"]
+FILES = ["test_philox.py", "test_attention_native.py", "test_residual.py", "test_dropout.py",
+         "test_add_layer_norm.py", "test_positional_encoding.py"]
 
 
 @pytest.mark.parametrize("isa", ["best", "avx2", "generic"])

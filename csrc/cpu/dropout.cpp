@@ -84,12 +84,13 @@ FASTTF_PER_ISA(void, multipliers_vectorised,
                (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out),
                (seed, start, n, threshold, scale, out))
 
-FASTTF_BODY void apply_vectorised_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
-                                       float* x) {
-  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { x[j] *= word >= threshold ? scale : 0.0f; });
+FASTTF_BODY void scale_vectorised_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
+                                       const float* x, float* out) {
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = x[j] * (word >= threshold ? scale : 0.0f); });
 }
-FASTTF_PER_ISA(void, apply_vectorised, (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x),
-               (seed, start, n, threshold, scale, x))
+FASTTF_PER_ISA(void, scale_vectorised,
+               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* x, float* out),
+               (seed, start, n, threshold, scale, x, out))
 
 FASTTF_BODY void dropout_multipliers_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
                                           double* out) {
@@ -156,10 +157,10 @@ FASTTF_AVX512 void multipliers64(uint64_t seed, uint64_t first_block, uint32_t t
   philox_multipliers(b, limit, kept, &z[2], &z[3]);
 }
 
-// out[j] = multiplier (kApply: out[j] *= multiplier) of element start + j, for j < n.
+// out[j] = multiplier (kApply: out[j] = x[j] * multiplier) of element start + j, for j < n (x may be out).
 template <bool kApply>
 __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
-                                                           float scale, float* out) {
+                                                           float scale, const float* x, float* out) {
   alignas(64) float batch[64];
   __m512 z[4];
   int64_t done = 0;
@@ -170,11 +171,11 @@ __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_
     if (skip == 0 && take == 64) {
       for (int q = 0; q < 4; ++q) {
         float* at = out + done + 16 * q;
-        _mm512_storeu_ps(at, kApply ? _mm512_mul_ps(_mm512_loadu_ps(at), z[q]) : z[q]);
+        _mm512_storeu_ps(at, kApply ? _mm512_mul_ps(_mm512_loadu_ps(x + done + 16 * q), z[q]) : z[q]);
       }
     } else {
       for (int q = 0; q < 4; ++q) _mm512_store_ps(batch + 16 * q, z[q]);
-      for (int64_t j = 0; j < take; ++j) out[done + j] = kApply ? out[done + j] * batch[skip + j] : batch[skip + j];
+      for (int64_t j = 0; j < take; ++j) out[done + j] = kApply ? x[done + j] * batch[skip + j] : batch[skip + j];
     }
     done += take;
   }
@@ -245,7 +246,7 @@ FASTTF_AVX2 void multipliers_batch(uint64_t seed, uint64_t first_block, uint32_t
 // target-specific intrinsics into a function, or a lambda, compiled for another target).
 template <bool kApply>
 __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
-                                                      float scale, float* out) {
+                                                      float scale, const float* x, float* out) {
   alignas(32) float batch[kAvx2Batch];
   __m256 z[2 * kAvx2Sets];
   int64_t done = 0;
@@ -256,11 +257,11 @@ __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t sta
     int64_t j = 0;  // whole vectors straight to out where the batch starts on its first element
     for (int q = 0; skip == 0 && j + 8 <= take; ++q, j += 8) {
       float* at = out + done + j;
-      _mm256_storeu_ps(at, kApply ? _mm256_mul_ps(_mm256_loadu_ps(at), z[q]) : z[q]);
+      _mm256_storeu_ps(at, kApply ? _mm256_mul_ps(_mm256_loadu_ps(x + done + j), z[q]) : z[q]);
     }
     if (j < take) {  // the rest one value at a time
       for (int q = 0; q < 2 * kAvx2Sets; ++q) _mm256_store_ps(batch + 8 * q, z[q]);
-      for (; j < take; ++j) out[done + j] = kApply ? out[done + j] * batch[skip + j] : batch[skip + j];
+      for (; j < take; ++j) out[done + j] = kApply ? x[done + j] * batch[skip + j] : batch[skip + j];
     }
     done += take;
   }
@@ -271,18 +272,23 @@ __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t sta
 
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out) {
 #if defined(__x86_64__)
-  if (has_avx512()) return multipliers_avx512<false>(seed, start, n, threshold, scale, out);
-  if (has_avx2_fma()) return multipliers_avx2<false>(seed, start, n, threshold, scale, out);
+  if (has_avx512()) return multipliers_avx512<false>(seed, start, n, threshold, scale, nullptr, out);
+  if (has_avx2_fma()) return multipliers_avx2<false>(seed, start, n, threshold, scale, nullptr, out);
 #endif
   multipliers_vectorised(seed, start, n, threshold, scale, out);
 }
 
-void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x) {
+void dropout_scale(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* x,
+                   float* out) {
 #if defined(__x86_64__)
-  if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x);
-  if (has_avx2_fma()) return multipliers_avx2<true>(seed, start, n, threshold, scale, x);
+  if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x, out);
+  if (has_avx2_fma()) return multipliers_avx2<true>(seed, start, n, threshold, scale, x, out);
 #endif
-  apply_vectorised(seed, start, n, threshold, scale, x);
+  scale_vectorised(seed, start, n, threshold, scale, x, out);
+}
+
+void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x) {
+  dropout_scale(seed, start, n, threshold, scale, x, x);
 }
 
 FASTTF_PER_ISA(void, dropout_multipliers,
