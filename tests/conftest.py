@@ -30,6 +30,17 @@ def devices():
     return ["cpu"] + (["cuda"] if GPU else [])
 
 
+def run_with_seed(fn, seed_value):
+    """Runs fn under torch.manual_seed(seed_value) and returns (its result, the dropout seed it drew:
+    fasttf's dropout ops draw theirs first, with fasttf.ops.residual.dropout_seed)."""
+    from fasttf.ops.residual import dropout_seed
+
+    torch.manual_seed(seed_value)
+    seed = dropout_seed()
+    torch.manual_seed(seed_value)
+    return fn(), seed
+
+
 # The attention kernels that fasttf.scaled_dot_product_attention can run here, each selected for a
 # test by the attention_backend fixture through FASTTF_CPU_ATTENTION (read at call time by
 # fasttf.ops.attention): "triton" is the Triton kernel (CUDA, or the CPU under the interpreter),

@@ -10,20 +10,12 @@ import torch.nn.functional as F
 
 import fasttf
 from fasttf import reference
-from fasttf.ops.residual import dropout_keep_mask, dropout_seed
+from fasttf.ops.residual import dropout_keep_mask
 from fasttf.testing import assert_close_to_reference
-from conftest import devices
+from conftest import devices, run_with_seed
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(7,), (3, 33), (2, 5, 64), (4, 3, 129)]
-
-
-def run_with_seed(fn, seed_value):
-    """Runs fn under torch.manual_seed(seed_value) and returns (its result, the dropout seed it drew)."""
-    torch.manual_seed(seed_value)
-    seed = dropout_seed()
-    torch.manual_seed(seed_value)
-    return fn(), seed
 
 
 @pytest.mark.parametrize("device", devices())
