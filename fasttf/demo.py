@@ -168,24 +168,29 @@ def translate(model, sentences, source_vocab, target_vocab, device):
     return [target_vocab.decode(row) for row in decoded.tokens.cpu()]
 
 
-def time_train_step(model, batch, repeats=2):
-    """Median seconds of one Adam step (forward, backward, update) on a copy of `model`."""
-    model = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    times = []
-    for attempt in range(repeats + 1):  # the first one warms up (kernel compilation, caches)
-        if batch[0].is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        _, loss = model(*batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if batch[0].is_cuda:
-            torch.cuda.synchronize()
-        if attempt:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def time_train_steps(models, batch, repeats=5):
+    """Median seconds of one Adam step (forward, backward, update) of each model, on copies of them,
+    by backend name. The models' steps alternate, so a machine that drifts slows them alike (with two
+    steps each, the slower one used to be the figure: a single stall read 4x on a shared CPU)."""
+    steps = {}
+    for model in models:
+        trained = copy.deepcopy(model).train()
+        steps[model.backend] = (trained, torch.optim.Adam(trained.parameters(), lr=1e-4))
+    times = {backend: [] for backend in steps}
+    for attempt in range(repeats + 1):  # the first round warms up (kernel compilation, caches)
+        for backend, (trained, optimizer) in steps.items():
+            if batch[0].is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _, loss = trained(*batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if batch[0].is_cuda:
+                torch.cuda.synchronize()
+            if attempt:
+                times[backend].append(time.perf_counter() - start)
+    return {backend: sorted(t)[len(t) // 2] for backend, t in times.items()}
 
 
 def compare_backends(model, batch):
@@ -198,7 +203,7 @@ def compare_backends(model, batch):
         other_logits, other_loss = other(*batch)
     real = batch[2] != model.pad_id  # compare where there is a real target word
     difference = (logits - other_logits)[real].abs().max().item()
-    times = {model.backend: time_train_step(model, batch), other.backend: time_train_step(other, batch)}
+    times = time_train_steps([model, other], batch)
     return difference, (loss.item(), other_loss.item()), times
 
 
@@ -328,8 +333,8 @@ def main(argv=None) -> int:
         print(f"  not compared: {error}")
     else:
         print(f"  largest logit difference: {difference:.3g}   (loss {loss:.6f} vs {other_loss:.6f})")
-        print(f"  training step: {args.backend} {times[args.backend] * 1e3:.1f} ms, {other} "
-              f"{times[other] * 1e3:.1f} ms" + ("   (fasttf's attention runs under the Triton interpreter: "
+        print(f"  training step (median of 5, alternating): {args.backend} {times[args.backend] * 1e3:.1f} ms, "
+              f"{other} {times[other] * 1e3:.1f} ms" + ("   (fasttf's attention runs under the Triton interpreter: "
                                                   "slow by design)" if triton_on_cpu(args) else ""))
 
     # Figures and checkpoint

@@ -25,7 +25,7 @@ def test_a_short_demo_run_prints_translations_the_comparison_and_writes_figures(
     assert "training step with dropout 0.1" in output, output
     difference = float(re.search(r"largest logit difference: (\S+)", output).group(1))
     assert difference < 1e-4, output  # float32 logits of size ~1, same weights: rounding only
-    assert re.search(r"training step: fasttf [\d.]+ ms, torch [\d.]+ ms", output), output
+    assert re.search(r"training step \(median of 5, alternating\): fasttf [\d.]+ ms, torch [\d.]+ ms", output), output
     for name in ("positional_encoding.png", "attention_lets_go.png", "model.pt", "source_vocab.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "attention_lets_go.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
