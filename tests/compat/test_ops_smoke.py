@@ -59,6 +59,15 @@ def test_residual_add():
     check_op(fasttf.residual_add, reference.residual_add, randn(3, 33), randn(3, 33))
 
 
+def test_dropout():
+    torch.manual_seed(0)
+    x = randn(3, 33)
+    seed = torch.tensor(12345)
+    keep = fasttf.ops.residual.dropout_keep_mask(x, 0.3, seed)
+    check_op(lambda t: torch.ops.fasttf.dropout(t, 0.3, seed),
+             lambda t: reference.dropout(t, 0.3, dropout_mask=keep), x)
+
+
 def test_add_layer_norm():
     torch.manual_seed(0)
     check_op(lambda x, r, w, b: fasttf.add_layer_norm(x, r, w, b),
@@ -106,6 +115,7 @@ def test_torch_library_opcheck():
     weight, bias = randn(8).requires_grad_(), randn(8).requires_grad_()
     torch.library.opcheck(ops.positional_encoding.default, (x, None, 3, 2.0, 10000.0, True))
     torch.library.opcheck(ops.residual_add.default, (x, residual))
+    torch.library.opcheck(ops.dropout.default, (x, 0.25, torch.tensor(8)))
     torch.library.opcheck(ops.add_layer_norm.default, (x, residual, weight, bias, 1e-5, 0.25, torch.tensor(8)))
     q, k, v = (randn(1, 2, 5, 8).requires_grad_() for _ in range(3))
     torch.library.opcheck(ops.attention_forward.default, (q, k, v, None, 0.0, True, 0.3, None))
@@ -121,7 +131,7 @@ def test_torch_compile_fullgraph_through_every_op():
         a = attention(h, h, h, need_weights=False, is_causal=True,
                       attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=DEVICE))[0]
         normed, s = fasttf.add_layer_norm(a, h, weight, bias)
-        return fasttf.residual_add(normed, s)
+        return fasttf.residual_add(fasttf.dropout(normed, 0.5, training=False), s)
 
     x = randn(2, 5, 8)
     expected = block(x)
