@@ -168,7 +168,10 @@ def translate(model, sentences, source_vocab, target_vocab, device):
     return [target_vocab.decode(row) for row in decoded.tokens.cpu()]
 
 
-def time_train_steps(models, batch, repeats=5):
+TIMED_STEPS = 5  # per backend in the comparison, after a warm-up step
+
+
+def time_train_steps(models, batch, repeats=TIMED_STEPS):
     """Median seconds of one Adam step (forward, backward, update) of each model, on copies of them,
     by backend name. The models' steps alternate, so a machine that drifts slows them alike (with two
     steps each, the slower one used to be the figure: a single stall read 4x on a shared CPU)."""
@@ -333,9 +336,10 @@ def main(argv=None) -> int:
         print(f"  not compared: {error}")
     else:
         print(f"  largest logit difference: {difference:.3g}   (loss {loss:.6f} vs {other_loss:.6f})")
-        print(f"  training step (median of 5, alternating): {args.backend} {times[args.backend] * 1e3:.1f} ms, "
-              f"{other} {times[other] * 1e3:.1f} ms" + ("   (fasttf's attention runs under the Triton interpreter: "
-                                                  "slow by design)" if triton_on_cpu(args) else ""))
+        slow = ("   (fasttf's attention runs under the Triton interpreter: slow by design)"
+                if triton_on_cpu(args) else "")
+        print(f"  training step (median of {TIMED_STEPS}, alternating): {args.backend} "
+              f"{times[args.backend] * 1e3:.1f} ms, {other} {times[other] * 1e3:.1f} ms{slow}")
 
     # Figures and checkpoint
     if not args.no_figures:

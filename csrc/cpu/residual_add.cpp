@@ -35,9 +35,9 @@ void add_dropout(const scalar_t* x, const scalar_t* residual, scalar_t* out, int
   }
   const DropoutRow<acc_t> drop{seed, dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p))};
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // x * m with the multipliers in registers (dropout_scale: ~0.75 ns an element on an AMD EPYC core,
-    // the multiplier buffer's fill ~1.0 before its pass), then + residual in place while the chunk is
-    // in L1: the roundings of eager's `residual + x * m` (x * m rounded, then the sum)
+    // x * m with the multipliers in registers (dropout_scale, dropout.h: no multiplier buffer to fill),
+    // then + residual in place while the chunk is in L1: the roundings of eager's `residual + x * m`
+    // (x * m rounded, then the sum)
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       if (residual == nullptr) {  // dropout itself, residual_add's dx
         dropout_scale(seed, begin, end - begin, drop.threshold, drop.scale, x + begin, out + begin);
