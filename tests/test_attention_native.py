@@ -10,12 +10,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fasttf
 from fasttf import reference
 from fasttf.kernels import attention as kernels
 from fasttf.ops import attention as attention_op
 from fasttf.ops import attention_cpu
+from fasttf.testing import assert_close_to_reference
 
 from test_attention import check_against_reference, kernel_keep_mask, make_inputs, run_with_dropout
 
@@ -94,6 +96,28 @@ def test_mask_gradient_in_place_and_through_the_buffer(layout, is_causal):
     for name, got, want in zip(("query", "key", "value", "mask"), grads, truths):
         assert got.shape == want.shape, name
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+# Masks whose gradient sums many ds an element (N H L of a (S,) mask): float32 sums of more than 16
+# terms run in float64 (one after the other in float32 they erred 3-5x torch's, which blocks its sum).
+LONG_SUM_MASKS = [(65,), (1, 65), (6, 1, 65), (512, 1), (6, 1, 1), (1, 6, 512, 65)]
+
+
+@pytest.mark.parametrize("mask_shape", LONG_SUM_MASKS, ids=str)
+def test_mask_gradient_long_sums_against_torch(mask_shape):
+    query, key, value = make_inputs(3, 6, 512, 65, 64, heads_kv=2)
+    mask = torch.randn(mask_shape, generator=torch.Generator().manual_seed(5))
+    grad_out = torch.randn(3, 6, 512, 64, generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for name, run, dtype in (("fasttf", fasttf.scaled_dot_product_attention, torch.float32),
+                             ("torch", F.scaled_dot_product_attention, torch.float32),
+                             ("float64", F.scaled_dot_product_attention, torch.float64)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (query, key, value, mask)]
+        out = run(*inputs[:3], attn_mask=inputs[3], enable_gqa=True)
+        grads[name] = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    for index, name in enumerate(("query", "key", "value", "mask")):
+        assert_close_to_reference(grads["fasttf"][index], grads["float64"][index], grads["torch"][index],
+                                  f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

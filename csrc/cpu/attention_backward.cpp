@@ -24,7 +24,10 @@
 // The mask gradient: ds is added straight into it where tasks can own disjoint parts of it (a
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
 // (b, h, i, j) lands in an (N, H, L, S) buffer, then is summed over the mask's broadcast dims in a
-// fixed order (reduce_to_mask). Both add in the order (b, h, i, j).
+// fixed order (reduce_to_mask). Both add in the order (b, h, i, j). A float32 sum of more than
+// kWideSumTerms terms an element (a mask broadcast over the queries or keys, or over many batches
+// and heads) runs in float64: one after the other in float32, N H L terms of a (S,) mask's gradient
+// erred up to 5x torch's (whose sum over the broadcast dims is blocked).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -57,6 +60,7 @@ struct Grads {
   // or the mask gradient added in place, at dmask + b dm_sb + h dm_sh + i dm_sl + j dm_ss (its
   // (N, H, L, S) expanded strides), tasks folding the batches / kv heads it is broadcast over
   acc_t* dmask = nullptr;
+  double* dmask_wide = nullptr;  // or in float64 (long float32 sums), at the same offsets
   int64_t dm_sb = 0, dm_sh = 0, dm_sl = 0, dm_ss = 0;
   bool fold_batches = false, fold_heads = false;
 };
@@ -64,6 +68,23 @@ struct Grads {
 template <typename acc_t, typename in_t>
 const acc_t* dw_row(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i) {
   return g.dw_averaged ? g.dw + (b * p.L + i) * p.S : g.dw + ((b * p.H + h) * p.L + i) * p.S;
+}
+
+// dmask[b, h, i, j0 + j] += ds[j] for j < n, through the mask's expanded strides (dm_ss = 0: one
+// element takes the row's sum).
+template <typename acc_t, typename in_t, typename dm_t>
+void add_mask_grad(dm_t* dmask, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i, int64_t j0,
+                   const acc_t* ds, int64_t n) {
+  dm_t* dst = dmask + b * g.dm_sb + h * g.dm_sh + i * g.dm_sl + j0 * g.dm_ss;
+  if (g.dm_ss == 0) {
+    dm_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += ds[j];
+    dst[0] += sum;
+  } else if constexpr (std::is_same_v<dm_t, acc_t>) {
+    add_rows(ds, dst, static_cast<const acc_t*>(nullptr), dst, n);  // dst += ds
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] += ds[j];
+  }
 }
 
 template <typename acc_t, typename in_t>
@@ -229,14 +250,9 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
               if (g.dmask_full != nullptr) {
                 std::copy(dpr, dpr + n, g.dmask_full + p.flat(b, h, i0 + r, j0));
               } else if (g.dmask != nullptr) {  // in place, in reduce_to_mask's order
-                acc_t* dst = g.dmask + b * g.dm_sb + h * g.dm_sh + (i0 + r) * g.dm_sl + j0 * g.dm_ss;
-                if (g.dm_ss != 0) {
-                  add_rows(dpr, dst, static_cast<const acc_t*>(nullptr), dst, n);  // dst += ds
-                } else {
-                  acc_t sum = 0;
-                  for (int64_t j = 0; j < n; ++j) sum += dpr[j];
-                  dst[0] += sum;
-                }
+                add_mask_grad(g.dmask, g, b, h, i0 + r, j0, dpr, n);
+              } else if (g.dmask_wide != nullptr) {
+                add_mask_grad(g.dmask_wide, g, b, h, i0 + r, j0, dpr, n);
               }
               if constexpr (kRound) {
                 tile_operand<in_t>(p.dropout.on ? pztile.get() + r * ld : pr, pz_rounded.get() + r * block_n, 1,
@@ -288,19 +304,19 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
 }
 
 // dmask[a, c, x, y] = sum of full[n, h, i, j] over the (n, h, i, j) that mask element broadcasts
-// to, summed in one fixed order (each output row by one task).
+// to, summed in float64 in one fixed order (each output row by one task).
 template <typename acc_t>
 at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
   const int64_t N = full.size(0), H = full.size(1), L = full.size(2), S = full.size(3);
   int64_t ms[4] = {1, 1, 1, 1};
   for (int64_t d = 0; d < mask.dim(); ++d) ms[4 - mask.dim() + d] = mask.size(d);
-  auto dmask = at::zeros({ms[0], ms[1], ms[2], ms[3]}, full.options());
+  auto dmask = at::zeros({ms[0], ms[1], ms[2], ms[3]}, full.options().dtype(at::kDouble));
   const acc_t* src = full.data_ptr<acc_t>();
-  acc_t* dst = dmask.data_ptr<acc_t>();
+  double* dst = dmask.data_ptr<double>();
   at::parallel_for(0, ms[0] * ms[1] * ms[2], 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t a = row / (ms[1] * ms[2]), c = (row / ms[2]) % ms[1], x = row % ms[2];
-      acc_t* out = dst + row * ms[3];
+      double* out = dst + row * ms[3];
       for (int64_t n = (ms[0] == 1 ? 0 : a); n < (ms[0] == 1 ? N : a + 1); ++n)
         for (int64_t h = (ms[1] == 1 ? 0 : c); h < (ms[1] == 1 ? H : c + 1); ++h)
           for (int64_t i = (ms[2] == 1 ? 0 : x); i < (ms[2] == 1 ? L : x + 1); ++i) {
@@ -308,7 +324,7 @@ at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
             if (ms[3] == S) {
               for (int64_t j = 0; j < S; ++j) out[j] += in[j];
             } else {
-              acc_t sum = 0;
+              double sum = 0;
               for (int64_t j = 0; j < S; ++j) sum += in[j];
               out[0] += sum;
             }
@@ -357,14 +373,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   if (want_dmask) {
     // In place when that leaves at least kMinTasks tasks (a mask over every batch, or one
     // broadcast over batches with several kv heads); else through the (N, H, L, S) buffer.
-    constexpr int64_t kMinTasks = 4;
-    dmask = at::zeros(attn_mask->sizes(), acc);
-    const auto strides = dmask.expand({q.size(0), q.size(1), q.size(2), k.size(2)}).strides();
+    constexpr int64_t kMinTasks = 4, kWideSumTerms = 16;
+    const int64_t full_sizes[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    int64_t terms = 1;  // the ds summed into one element of the mask's gradient: its broadcast dims' sizes
+    for (int64_t d = 0; d < 4; ++d) {
+      const int64_t mask_dim = d - (4 - attn_mask->dim());
+      if (mask_dim < 0 || attn_mask->size(mask_dim) == 1) terms *= full_sizes[d];
+    }
+    const bool wide = std::is_same_v<acc_t, float> && terms > kWideSumTerms;
+    dmask = at::zeros(attn_mask->sizes(), wide ? acc.dtype(at::kDouble) : acc);
+    const auto strides = dmask.expand(full_sizes).strides();
     g.fold_batches = strides[0] == 0 && problem.N > 1;
     g.fold_heads = strides[1] == 0 && problem.Hkv > 1;
     const int64_t tasks = (g.fold_batches ? 1 : problem.N) * (g.fold_heads ? 1 : problem.Hkv);
     if (tasks >= kMinTasks) {
-      g.dmask = dmask.data_ptr<acc_t>();
+      if (wide) {
+        g.dmask_wide = dmask.data_ptr<double>();
+      } else {
+        g.dmask = dmask.data_ptr<acc_t>();
+      }
       g.dm_sb = strides[0], g.dm_sh = strides[1], g.dm_sl = strides[2], g.dm_ss = strides[3];
     } else {
       g.fold_batches = g.fold_heads = false;
