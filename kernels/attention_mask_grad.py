@@ -4,7 +4,8 @@ The mask is added to the scores, so its gradient is dS = P * (dP - D) (attention
 summed over every (batch, head) the mask was broadcast over:
     dMask[b', h', i, j] = sum_{b in B(b'), h in H(h')} P_bhij (dP_bhij - D_bhi)
 with B(b') = all batches when the mask's batch dim is 1 (else {b'}), H(h') likewise for heads.
-One program per (query block, key block, b', h'): it loops over its (b, h) in a fixed order,
+One program per (query block, key block, b', h'): it loops over its (b, h) in a fixed order, summing
+with compensation (Kahan: N H terms one after the other in float32 erred up to 3x torch's sum),
 recomputing P (from lse2) and dP = (dO V^T + dW') Z / (1 - p_drop) for its tile. No atomics:
 two runs give bit-identical results. The sums over broadcast L or S (masks like (N, 1, 1, S))
 are taken afterwards by the op (fasttf/ops/attention.py) on this kernel's (N', H', L, S) output.
@@ -51,6 +52,7 @@ def _attention_mask_grad_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dMask
     if DROPOUT:
         seed = tl.load(Seed)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    lost = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # what acc's float32 adds dropped (compensated sum)
     for i in range(0, batch_count):
         off_b = mask_b + i  # mask_b = 0 when the mask's batch dim is broadcast
         for j in range(0, head_count):
@@ -79,7 +81,10 @@ def _attention_mask_grad_kernel(Q, K, V, Mask, Seed, dOut, dW, Lse, Delta, dMask
                               mask=in_tile, other=0.0).to(tl.float32) * dw_scale
             if DROPOUT:
                 dp = tl.where(dropout_keep(seed, off_bh, offs_m, offs_n, L, S, dropout_p), dp * dropout_scale, 0.0)
-            acc += p * (dp - delta[:, None])
+            term = p * (dp - delta[:, None]) - lost
+            total = acc + term
+            lost = (total - acc) - term
+            acc = total
     out_ptrs = dMask + (outer.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
     tl.store(out_ptrs, acc, mask=in_tile)
 
