@@ -120,6 +120,29 @@ def test_mask_gradient_long_sums_against_torch(mask_shape):
                                   f"grad {name}")
 
 
+# dK and dV summed over many query blocks (L x the GQA group): float32 sums go to float64 every 4
+# blocks. Rounded once a block (MKL's products with beta = 1), these two erred 53x and 2.6x torch's dV error.
+LONG_KV_SUMS = [(1, 3, 1, 256, 1, 128, 1, 0), (3, 6, 2, 512, 3, 33, 40, 1)]  # (N, H, Hkv, L, S, E, Ev, seed)
+
+
+@pytest.mark.parametrize("shape", LONG_KV_SUMS, ids=str)
+def test_key_and_value_gradients_long_sums_against_torch(shape):
+    batch, heads, heads_kv, length_q, length_k, head_dim, value_dim, seed = shape
+    query, key, value = make_inputs(batch, heads, length_q, length_k, head_dim, value_dim, heads_kv=heads_kv,
+                                    seed=seed)
+    grad_out = torch.randn(batch, heads, length_q, value_dim, generator=torch.Generator().manual_seed(seed))
+    grads = {}
+    for name, run, dtype in (("fasttf", fasttf.scaled_dot_product_attention, torch.float32),
+                             ("torch", F.scaled_dot_product_attention, torch.float32),
+                             ("float64", F.scaled_dot_product_attention, torch.float64)):
+        inputs = [t.to(dtype).requires_grad_() for t in (query, key, value)]
+        out = run(*inputs, is_causal=True, enable_gqa=True)
+        grads[name] = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    for index, name in enumerate(("query", "key", "value")):
+        assert_close_to_reference(grads["fasttf"][index], grads["float64"][index], grads["torch"][index],
+                                  f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_dropout_replays_in_the_reference(dtype):
     query, key, value = make_inputs(2, 2, 140, 270, 16, heads_kv=1, dtype=dtype)

@@ -14,7 +14,9 @@
 //       ds = p (dp - D_i)                                 -> the float mask's gradient
 //       dK_j += scale ds^T Q_i,  dQ_i += scale ds K_j     (BLAS)
 //   (on the bfloat16 products, attention.h: p z and ds rounded to bfloat16 for their products;
-//   dQ, dK, dV summed in float32)
+//   dQ, dK, dV summed in float32. float32: dK and dV summed over more than kFlushBlocks query blocks
+//   (the group's heads' blocks) are added into float64 sums every kFlushBlocks blocks: MKL's
+//   products with beta = 1 rounded them once a block, up to 3x torch's error at L group ~ 1500, E = 8.)
 // (BLAS: MKL's gemm; float32 on a CPU whose widest vectors are AVX2: the products by a K or V
 // operand on the micro-kernel of attention_panels.cpp, a head's K and V packed once by its task.
 // (p z)^T dO and ds^T Q stay on MKL: the micro-kernel reading the transposed tile, dO_i and Q_i packed,
@@ -64,6 +66,13 @@ struct Grads {
   int64_t dm_sb = 0, dm_sh = 0, dm_sl = 0, dm_ss = 0;
   bool fold_batches = false, fold_heads = false;
 };
+
+// sum[j] += part[j] in float64, part[j] = 0 (dK and dV over many query blocks: wide_kv)
+template <typename acc_t>
+void flush_wide(acc_t* part, double* sum, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
+  std::fill(part, part + n, acc_t(0));
+}
 
 template <typename acc_t, typename in_t>
 const acc_t* dw_row(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i) {
@@ -116,6 +125,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
   // instead of computing Q K^T and the exp again (8 block products, not 9, for need_weights=True).
   const int64_t key_blocks = (p.S + block_n - 1) / block_n;
   const bool keep_p = g.dw != nullptr && key_blocks * block_m * ld * static_cast<int64_t>(sizeof(acc_t)) <= (64 << 20);
+  constexpr int64_t kFlushBlocks = 4;  // ~1% at L = 1024 - 2048; adding every block into float64 cost 4-8%
+  const bool wide_kv = kFloat && ((p.L + block_m - 1) / block_m) * p.group > kFlushBlocks;
   at::parallel_for(0, (p.N / task_batches) * (p.Hkv / task_heads), 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas single_thread_blas;
     const auto ptile = scratch<acc_t>(block_m * ld), dptile = scratch<acc_t>(block_m * ld);
@@ -128,6 +139,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
     std::vector<acc_t> z(block_n), delta(block_m);
     const auto dk_acc = scratch<acc_t>(kRound ? p.S * p.E : 0), dv_acc = scratch<acc_t>(kRound ? p.S * p.Ev : 0);
     const auto dq_acc = scratch<acc_t>(kRound ? block_m * p.E : 0);
+    // wide_kv: dK and dV summed in float64, kFlushBlocks query blocks at a time
+    const auto dk_wide = scratch<double>(wide_kv ? p.S * p.E : 0), dv_wide = scratch<double>(wide_kv ? p.S * p.Ev : 0);
     Panels keys_t, values_t, keys;  // the task's head of K^T, V^T and K, for the micro-kernel
     if constexpr (kFloat) {
       if (panels) {
@@ -150,6 +163,16 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
       }
       std::fill(dk, dk + p.S * p.E, acc_t(0));  // here, not by at::zeros: one pass less, and in cache
       std::fill(dv, dv + p.S * p.Ev, acc_t(0));
+      if (wide_kv) {
+        std::fill(dk_wide.get(), dk_wide.get() + p.S * p.E, 0.0);
+        std::fill(dv_wide.get(), dv_wide.get() + p.S * p.Ev, 0.0);
+      }
+      int64_t blocks_in_float = 0;  // query blocks summed into dk, dv since the last flush (wide_kv)
+      auto flush = [&] {  // dk_wide += dk, dk = 0 (dv likewise)
+        flush_wide(dk, dk_wide.get(), p.S * p.E);
+        flush_wide(dv, dv_wide.get(), p.S * p.Ev);
+        blocks_in_float = 0;
+      };
       if constexpr (kFloat) {
         if (panels) pack_panels(p, b, hk, keys_t), pack_panels(p, b, hk, values_t), pack_panels(p, b, hk, keys);
       }
@@ -287,6 +310,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
                    dq_i + r0 * p.E, p.E);
             }
           }
+          if (wide_kv && ++blocks_in_float == kFlushBlocks) flush();
           if constexpr (kRound) {
             if (amx) scale_row(dq_i, rows * p.E, p.scale);  // the tiles summed ds K unscaled
             round_rows(dq_i, g.dq + ((b * p.H + h) * p.L + i0) * p.E, 1, rows * p.E, rows * p.E);
@@ -296,6 +320,11 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
       if constexpr (kRound) {
         round_rows(dk, g.dk + (b * p.Hkv + hk) * p.S * p.E, 1, p.S * p.E, p.S * p.E);
         round_rows(dv, g.dv + (b * p.Hkv + hk) * p.S * p.Ev, 1, p.S * p.Ev, p.S * p.Ev);
+      }
+      if (wide_kv) {
+        if (blocks_in_float > 0) flush();
+        std::copy(dk_wide.get(), dk_wide.get() + p.S * p.E, dk);  // rounded to float32 once
+        std::copy(dv_wide.get(), dv_wide.get() + p.S * p.Ev, dv);
       }
      }
     }
