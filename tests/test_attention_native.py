@@ -72,7 +72,7 @@ def test_large_masked_gqa_strided(is_causal, dtype):
 MASK_GRADIENT_LAYOUTS = [
     (3, 4, 4, (4, 19, 23)),  # in place, batches folded
     (3, 4, 4, (1, 4, 1, 23)),  # in place, batches folded, broadcast over L
-    (3, 4, 4, (4, 19, 1)),  # in place, broadcast over S (row sums)
+    (3, 4, 4, (4, 19, 1)),  # constant along the keys: exactly 0
     (3, 8, 4, (8, 19, 23)),  # in place, two query heads per task (GQA)
     (3, 4, 4, (3, 4, 19, 23)),  # in place, nothing folded
     (3, 4, 4, (3, 1, 19, 23)),  # 3 tasks: the buffer

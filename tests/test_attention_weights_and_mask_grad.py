@@ -218,6 +218,28 @@ def test_mask_gradient_with_dropout_and_gqa(attention_backend):
         torch.testing.assert_close(a.double(), t, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("mask_shape", [(3, 19, 1), (2, 3, 19, 1), (3, 1, 1), (1,)], ids=str)
+def test_mask_constant_along_the_keys_gets_exactly_zero_gradient(mask_shape, dropout_p, attention_backend):
+    """Such a mask adds one value to a whole row of scores, which the softmax does not see: every
+    row of dS sums to 0, so its gradient is 0 exactly (torch returns the rounding noise of that sum),
+    whatever the loss reads: the output, the weights, with dropout and causal."""
+    query, key, value = (make((2, 3, n, 8), seed) for seed, n in enumerate((19, 23, 23)))
+    ins = leaves(query, key, value, make(mask_shape, 9) * 4)
+    torch.manual_seed(5)
+    out, weights = attention_op.attention_with_weights(*ins[:3], attn_mask=ins[3], dropout_p=dropout_p,
+                                                       is_causal=True)
+    loss = (out * make(out.shape, 10)).sum() + (weights * make(weights.shape, 11)).sum()
+    grads = torch.autograd.grad(loss, ins)
+    assert grads[3].shape == ins[3].shape and grads[3].dtype == ins[3].dtype
+    assert torch.equal(grads[3], torch.zeros_like(ins[3]))
+    truth_ins = leaves(*(t.double() for t in (query, key, value, ins[3].detach())))
+    truth = reference.scaled_dot_product_attention(*truth_ins[:3], truth_ins[3], is_causal=True)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), truth_ins[3])
+    assert truth_grad.abs().max() < 1e-12  # the float64 reference agrees up to its rounding
+    assert all(g.abs().sum() > 0 for g in grads[:3])
+
+
 # ----------------------------------------------------------------------------------------------
 # Deterministic backward
 

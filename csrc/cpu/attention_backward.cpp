@@ -59,11 +59,11 @@ struct Grads {
   in_t* dk;
   in_t* dv;
   acc_t* dmask_full = nullptr;  // (N, H, L, S), summed into the mask's shape afterwards, or null
-  // or the mask gradient added in place, at dmask + b dm_sb + h dm_sh + i dm_sl + j dm_ss (its
-  // (N, H, L, S) expanded strides), tasks folding the batches / kv heads it is broadcast over
+  // or the mask gradient added in place, at dmask + b dm_sb + h dm_sh + i dm_sl + j (its (N, H, L, S)
+  // expanded strides; its last dim is S), tasks folding the batches / kv heads it is broadcast over
   acc_t* dmask = nullptr;
   double* dmask_wide = nullptr;  // or in float64 (long float32 sums), at the same offsets
-  int64_t dm_sb = 0, dm_sh = 0, dm_sl = 0, dm_ss = 0;
+  int64_t dm_sb = 0, dm_sh = 0, dm_sl = 0;
   bool fold_batches = false, fold_heads = false;
 };
 
@@ -79,17 +79,13 @@ const acc_t* dw_row(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g, 
   return g.dw_averaged ? g.dw + (b * p.L + i) * p.S : g.dw + ((b * p.H + h) * p.L + i) * p.S;
 }
 
-// dmask[b, h, i, j0 + j] += ds[j] for j < n, through the mask's expanded strides (dm_ss = 0: one
-// element takes the row's sum).
+// dmask[b, h, i, j0 + j] += ds[j] for j < n, through the mask's expanded strides (a mask constant
+// along the keys never gets here: its gradient is 0).
 template <typename acc_t, typename in_t, typename dm_t>
 void add_mask_grad(dm_t* dmask, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i, int64_t j0,
                    const acc_t* ds, int64_t n) {
-  dm_t* dst = dmask + b * g.dm_sb + h * g.dm_sh + i * g.dm_sl + j0 * g.dm_ss;
-  if (g.dm_ss == 0) {
-    dm_t sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += ds[j];
-    dst[0] += sum;
-  } else if constexpr (std::is_same_v<dm_t, acc_t>) {
+  dm_t* dst = dmask + b * g.dm_sb + h * g.dm_sh + i * g.dm_sl + j0;
+  if constexpr (std::is_same_v<dm_t, acc_t>) {
     add_rows(ds, dst, static_cast<const acc_t*>(nullptr), dst, n);  // dst += ds
   } else {
     for (int64_t j = 0; j < n; ++j) dst[j] += ds[j];
@@ -333,7 +329,7 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
 }
 
 // dmask[a, c, x, y] = sum of full[n, h, i, j] over the (n, h, i, j) that mask element broadcasts
-// to, summed in float64 in one fixed order (each output row by one task).
+// to, summed in float64 in one fixed order (each output row by one task); the mask's last dim is S.
 template <typename acc_t>
 at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
   const int64_t N = full.size(0), H = full.size(1), L = full.size(2), S = full.size(3);
@@ -350,13 +346,7 @@ at::Tensor reduce_to_mask(const at::Tensor& full, const at::Tensor& mask) {
         for (int64_t h = (ms[1] == 1 ? 0 : c); h < (ms[1] == 1 ? H : c + 1); ++h)
           for (int64_t i = (ms[2] == 1 ? 0 : x); i < (ms[2] == 1 ? L : x + 1); ++i) {
             const acc_t* in = src + ((n * H + h) * L + i) * S;
-            if (ms[3] == S) {
-              for (int64_t j = 0; j < S; ++j) out[j] += in[j];
-            } else {
-              double sum = 0;
-              for (int64_t j = 0; j < S; ++j) sum += in[j];
-              out[0] += sum;
-            }
+            for (int64_t j = 0; j < S; ++j) out[j] += in[j];  // ms[3] == S: see run_backward
           }
     }
   });
@@ -399,7 +389,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   const bool want_dmask = mask_requires_grad && attn_mask.has_value() && attn_mask->defined() &&
                           attn_mask->scalar_type() != at::kBool;
   at::Tensor dmask = at::empty({0}, q.options());
-  if (want_dmask) {
+  // A mask constant along the keys (last dim 1) adds one value to a whole row of scores, which the
+  // softmax does not see: its gradient is exactly 0 (each row's ds sums to 0; summed in floats they
+  // gave rounding noise, which is what torch returns).
+  const bool constant_along_keys = want_dmask && (attn_mask->dim() == 0 || attn_mask->size(-1) == 1);
+  if (want_dmask && !constant_along_keys) {
     // In place when that leaves at least kMinTasks tasks (a mask over every batch, or one
     // broadcast over batches with several kv heads); else through the (N, H, L, S) buffer.
     constexpr int64_t kMinTasks = 4, kWideSumTerms = 16;
@@ -421,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
       } else {
         g.dmask = dmask.data_ptr<acc_t>();
       }
-      g.dm_sb = strides[0], g.dm_sh = strides[1], g.dm_sl = strides[2], g.dm_ss = strides[3];
+      g.dm_sb = strides[0], g.dm_sh = strides[1], g.dm_sl = strides[2];
     } else {
       g.fold_batches = g.fold_heads = false;
       dmask_full = at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, acc);
@@ -429,7 +423,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     }
   }
   backward_kernel(problem, g);
-  if (want_dmask) {
+  if (constant_along_keys) {
+    dmask = at::zeros(attn_mask->sizes(), attn_mask->options());
+  } else if (want_dmask) {
     if (g.dmask_full != nullptr) dmask = reduce_to_mask<acc_t>(dmask_full, *attn_mask);
     dmask = dmask.to(attn_mask->scalar_type());
   }
