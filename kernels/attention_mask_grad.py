@@ -7,8 +7,9 @@ with B(b') = all batches when the mask's batch dim is 1 (else {b'}), H(h') likew
 One program per (query block, key block, b', h'): it loops over its (b, h) in a fixed order, summing
 with compensation (Kahan: N H terms one after the other in float32 erred up to 3x torch's sum),
 recomputing P (from lse2) and dP = (dO V^T + dW') Z / (1 - p_drop) for its tile. No atomics:
-two runs give bit-identical results. The sums over broadcast L or S (masks like (N, 1, 1, S))
-are taken afterwards by the op (fasttf/ops/attention.py) on this kernel's (N', H', L, S) output.
+two runs give bit-identical results. The sum over broadcast L (masks like (N, 1, 1, S)) is taken
+afterwards by the op (fasttf/ops/attention.py) on this kernel's (N', H', L, S) output; a mask broadcast
+over S never gets here (its gradient is 0: the op returns zeros).
 """
 
 import torch

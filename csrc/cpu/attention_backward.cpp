@@ -27,9 +27,10 @@
 // mask broadcast over batches or heads folds them into one task); otherwise ds of every
 // (b, h, i, j) lands in an (N, H, L, S) buffer, then is summed over the mask's broadcast dims in a
 // fixed order (reduce_to_mask). Both add in the order (b, h, i, j). A float32 sum of more than
-// kWideSumTerms terms an element (a mask broadcast over the queries or keys, or over many batches
-// and heads) runs in float64: one after the other in float32, N H L terms of a (S,) mask's gradient
-// erred up to 5x torch's (whose sum over the broadcast dims is blocked).
+// kWideSumTerms terms an element (a mask broadcast over the queries, or over many batches and heads)
+// runs in float64: one after the other in float32, N H L terms of a (S,) mask's gradient erred up
+// to 5x torch's (whose sum over the broadcast dims is blocked). A mask broadcast over the keys gets
+// no ds at all (run_backward: its gradient is 0).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

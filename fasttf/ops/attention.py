@@ -105,20 +105,17 @@ def _run_backward_kernel(grad_out, query, key, value, out, lse, attn_mask, dropo
     shape4 = _mask_grad_shape(attn_mask) if mask_grad else None
     # A mask constant along the keys (last dim 1) adds one value to a whole row of scores, which the
     # softmax does not see: its gradient is exactly 0 (as in the CPU kernel, csrc/cpu/attention_backward.cpp).
-    constant_along_keys = mask_grad and shape4[3] == 1
-    if constant_along_keys:
-        mask_grad = False
+    kernel_mask_grad = mask_grad and shape4[3] != 1
     grad_q, grad_k, grad_v, dmask = _kernels.attention_backward(
         grad_out, query, key, value, out, lse, _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale,
-        seed, grad_weights, shape4[:2] if mask_grad else None)
-    if constant_along_keys:
-        return grad_q, grad_k, grad_v, torch.zeros_like(attn_mask, memory_format=torch.contiguous_format)
+        seed, grad_weights, shape4[:2] if kernel_mask_grad else None)
     if not mask_grad:
         return grad_q, grad_k, grad_v, query.new_empty(0)
-    # the kernel summed the broadcast batches and heads; broadcast query or key positions are summed here
-    reduced = [dim for dim in (2, 3) if shape4[dim] == 1 and dmask.size(dim) != 1]
-    if reduced:
-        dmask = dmask.sum(dim=reduced, keepdim=True)
+    if not kernel_mask_grad:
+        return grad_q, grad_k, grad_v, torch.zeros_like(attn_mask, memory_format=torch.contiguous_format)
+    # the kernel summed the broadcast batches and heads; broadcast query positions are summed here
+    if shape4[2] == 1 and dmask.size(2) != 1:
+        dmask = dmask.sum(dim=2, keepdim=True)
     return grad_q, grad_k, grad_v, dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
 
 
