@@ -175,11 +175,14 @@ void apply_dropout(const DropoutSpec& d, int64_t start, int64_t n, double* row, 
 
 // The backward's row of ds = dL/dscores, from p and dp = dO V^T (+ dW) in place:
 //   without dropout  dp[j] = p[j] (dp[j] - d)
-//   with dropout     pz[j] = p[j] z[j],  dp[j] = p[j] (dp[j] z[j] - d)   (z from dropout_row)
+//   with dropout     pz[j] = p[j] z[j],  dp[j] = p[j] (dp[j] z[j] - d)   (z of elements start + j,
+//                    in registers for float; z: n values of scratch for double)
 void softmax_grad_row(const float* p, float* dp, float d, int64_t n);
 void softmax_grad_row(const double* p, double* dp, double d, int64_t n);
-void softmax_grad_row_dropout(const float* p, const float* z, float* pz, float* dp, float d, int64_t n);
-void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n);
+void softmax_grad_row_dropout(const DropoutSpec& dropout, int64_t start, const float* p, float* pz, float* dp, float d,
+                              int64_t n, float* z);
+void softmax_grad_row_dropout(const DropoutSpec& dropout, int64_t start, const double* p, double* pz, double* dp,
+                              double d, int64_t n, double* z);
 
 // n values of scratch left uninitialised (tiles that a block product writes before any read:
 // zeroing them cost a pass over up to 512 KiB a call), 64-byte aligned so that a tile row starts a

@@ -262,8 +262,8 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
                 for (int64_t j = 0; j < n; ++j) dpr[j] += dw_scale * dw[j];
               }
               if (p.dropout.on) {
-                dropout_row(p.dropout, p.flat(b, h, i0 + r, j0), n, z.data());
-                softmax_grad_row_dropout(pr, z.data(), pztile.get() + r * ld, dpr, delta[r], n);
+                softmax_grad_row_dropout(p.dropout, p.flat(b, h, i0 + r, j0), pr, pztile.get() + r * ld, dpr, delta[r],
+                                         n, z.data());
               } else {
                 softmax_grad_row(pr, dpr, delta[r], n);
               }

@@ -296,25 +296,24 @@ FASTTF_BODY void softmax_grad_row_body(const T* p, T* dp, T d, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }
 
-template <typename T>
-FASTTF_BODY void softmax_grad_row_dropout_body(const T* p, const T* z, T* pz, T* dp, T d, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    pz[j] = p[j] * z[j];
-    dp[j] = p[j] * (dp[j] * z[j] - d);
-  }
-}
-
 }  // namespace
 
 FASTTF_PER_ISA(void, softmax_grad_row, (const float* p, float* dp, float d, int64_t n), (p, dp, d, n))
 
 void softmax_grad_row(const double* p, double* dp, double d, int64_t n) { softmax_grad_row_body(p, dp, d, n); }
 
-FASTTF_PER_ISA(void, softmax_grad_row_dropout,
-               (const float* p, const float* z, float* pz, float* dp, float d, int64_t n), (p, z, pz, dp, d, n))
+void softmax_grad_row_dropout(const DropoutSpec& dropout, int64_t start, const float* p, float* pz, float* dp, float d,
+                              int64_t n, float*) {
+  dropout_softmax_grad(dropout.seed, start, n, dropout.threshold, static_cast<float>(dropout.scale), p, pz, dp, d);
+}
 
-void softmax_grad_row_dropout(const double* p, const double* z, double* pz, double* dp, double d, int64_t n) {
-  softmax_grad_row_dropout_body(p, z, pz, dp, d, n);
+void softmax_grad_row_dropout(const DropoutSpec& dropout, int64_t start, const double* p, double* pz, double* dp,
+                              double d, int64_t n, double* z) {
+  dropout_row(dropout, start, n, z);
+  for (int64_t j = 0; j < n; ++j) {
+    pz[j] = p[j] * z[j];
+    dp[j] = p[j] * (dp[j] * z[j] - d);
+  }
 }
 
 void dropout_row(const DropoutSpec& d, int64_t start, int64_t n, float* z) {

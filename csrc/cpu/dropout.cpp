@@ -4,7 +4,10 @@
 // (FASTTF_PER_ISA; the double multipliers and keep bytes, and float on CPUs without AVX2), and for
 // float multipliers on AVX-512 sixteen blocks as two sets of eight 64-bit lanes (see PhiloxLanes),
 // on AVX2 twelve blocks as three sets of four, the keep bits compared in registers and interleaved
-// back into element order (element 4 t + w is word w of block t).
+// back into element order (element 4 t + w is word w of block t); the AVX generators hand their
+// multipliers, still in registers, to an op: store them, scale a row by them, or the attention
+// backward's softmax gradient through dropout (no multiplier buffer: ~1.6% of its backward at
+// (2, 8, 1024, 64), 1 thread).
 #include "dropout.h"
 
 // GCC 12's AVX-512 headers trip its own uninitialised-value warnings (_mm512_undefined_*).
@@ -92,6 +95,19 @@ FASTTF_PER_ISA(void, scale_vectorised,
                (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* x, float* out),
                (seed, start, n, threshold, scale, x, out))
 
+FASTTF_BODY void softmax_grad_vectorised_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale,
+                                              const float* p, float* pz, float* dp, float d) {
+  for_each_word(seed, start, n, [&](int64_t j, uint32_t word) {
+    const float z = word >= threshold ? scale : 0.0f;
+    pz[j] = p[j] * z;
+    dp[j] = p[j] * (dp[j] * z - d);
+  });
+}
+FASTTF_PER_ISA(void, softmax_grad_vectorised,
+               (uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* p, float* pz,
+                float* dp, float d),
+               (seed, start, n, threshold, scale, p, pz, dp, d))
+
 FASTTF_BODY void dropout_multipliers_body(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, double scale,
                                           double* out) {
   for_each_word(seed, start, n, [&](int64_t j, uint32_t word) { out[j] = word >= threshold ? scale : 0.0; });
@@ -103,6 +119,49 @@ FASTTF_BODY void dropout_keep_bytes_body(uint64_t seed, int64_t start, int64_t n
 
 #if defined(__x86_64__)
 #define FASTTF_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+#define FASTTF_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+// What a generator does with the multipliers z of the call's elements j ... (16 at a time on
+// AVX-512, 8 on AVX2, or one): the ops of dropout.h, all with z in registers.
+struct FillOp {  // out = z
+  float* out;
+  FASTTF_AVX512 void put(int64_t j, __m512 z) const { _mm512_storeu_ps(out + j, z); }
+  FASTTF_AVX2 void put(int64_t j, __m256 z) const { _mm256_storeu_ps(out + j, z); }
+  void put(int64_t j, float z) const { out[j] = z; }
+};
+struct ScaleOp {  // out = x z (x may be out)
+  const float* x;
+  float* out;
+  FASTTF_AVX512 void put(int64_t j, __m512 z) const {
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), z));
+  }
+  FASTTF_AVX2 void put(int64_t j, __m256 z) const {
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), z));
+  }
+  void put(int64_t j, float z) const { out[j] = x[j] * z; }
+};
+struct SoftmaxGradOp {  // pz = p z, dp = p (dp z - d)
+  const float* p;
+  float* pz;
+  float* dp;
+  float d;
+  FASTTF_AVX512 void put(int64_t j, __m512 z) const {
+    const __m512 pj = _mm512_loadu_ps(p + j);
+    _mm512_storeu_ps(pz + j, _mm512_mul_ps(pj, z));
+    _mm512_storeu_ps(dp + j, _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(dp + j), z),
+                                                             _mm512_set1_ps(d))));
+  }
+  FASTTF_AVX2 void put(int64_t j, __m256 z) const {
+    const __m256 pj = _mm256_loadu_ps(p + j);
+    _mm256_storeu_ps(pz + j, _mm256_mul_ps(pj, z));
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(pj, _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(dp + j), z),
+                                                             _mm256_set1_ps(d))));
+  }
+  void put(int64_t j, float z) const {
+    pz[j] = p[j] * z;
+    dp[j] = p[j] * (dp[j] * z - d);
+  }
+};
 
 // Philox4x32-10 of eight consecutive blocks, one per 64-bit lane, each counter word in the low half
 // of its lane: vpmuludq multiplies the low halves into a full 64-bit product (lo, hi) with no
@@ -157,10 +216,10 @@ FASTTF_AVX512 void multipliers64(uint64_t seed, uint64_t first_block, uint32_t t
   philox_multipliers(b, limit, kept, &z[2], &z[3]);
 }
 
-// out[j] = multiplier (kApply: out[j] = x[j] * multiplier) of element start + j, for j < n (x may be out).
-template <bool kApply>
+// op.put(j, multipliers of elements start + j ...) for j < n.
+template <typename Op>
 __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
-                                                           float scale, const float* x, float* out) {
+                                                           float scale, const Op& op) {
   alignas(64) float batch[64];
   __m512 z[4];
   int64_t done = 0;
@@ -169,13 +228,10 @@ __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_
     const int64_t take = std::min<int64_t>(64 - skip, n - done);
     multipliers64(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, z);
     if (skip == 0 && take == 64) {
-      for (int q = 0; q < 4; ++q) {
-        float* at = out + done + 16 * q;
-        _mm512_storeu_ps(at, kApply ? _mm512_mul_ps(_mm512_loadu_ps(x + done + 16 * q), z[q]) : z[q]);
-      }
+      for (int q = 0; q < 4; ++q) op.put(done + 16 * q, z[q]);
     } else {
       for (int q = 0; q < 4; ++q) _mm512_store_ps(batch + 16 * q, z[q]);
-      for (int64_t j = 0; j < take; ++j) out[done + j] = kApply ? x[done + j] * batch[skip + j] : batch[skip + j];
+      for (int64_t j = 0; j < take; ++j) op.put(done + j, batch[skip + j]);
     }
     done += take;
   }
@@ -183,7 +239,6 @@ __attribute__((target("avx512f"))) void multipliers_avx512(uint64_t seed, int64_
 
 // The same on AVX2: four blocks a register (64-bit lanes, words in the low halves as above), two
 // independent sets; AVX2 has no unsigned compare, so word >= limit is max(word, limit) == word.
-#define FASTTF_AVX2 __attribute__((target("avx2"), always_inline)) inline
 
 struct PhiloxLanes4 {
   __m256i c0, c1, c2, c3;
@@ -244,9 +299,9 @@ FASTTF_AVX2 void multipliers_batch(uint64_t seed, uint64_t first_block, uint32_t
 
 // multipliers_avx512's loop at AVX2 width (a shared template cannot hold both: GCC refuses to inline
 // target-specific intrinsics into a function, or a lambda, compiled for another target).
-template <bool kApply>
+template <typename Op>
 __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t start, int64_t n, uint32_t threshold,
-                                                      float scale, const float* x, float* out) {
+                                                      float scale, const Op& op) {
   alignas(32) float batch[kAvx2Batch];
   __m256 z[2 * kAvx2Sets];
   int64_t done = 0;
@@ -254,14 +309,11 @@ __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t sta
     const int64_t index = start + done, skip = index & 3;
     const int64_t take = std::min<int64_t>(kAvx2Batch - skip, n - done);
     multipliers_batch(seed, static_cast<uint64_t>(index) >> 2, threshold, scale, z);
-    int64_t j = 0;  // whole vectors straight to out where the batch starts on its first element
-    for (int q = 0; skip == 0 && j + 8 <= take; ++q, j += 8) {
-      float* at = out + done + j;
-      _mm256_storeu_ps(at, kApply ? _mm256_mul_ps(_mm256_loadu_ps(x + done + j), z[q]) : z[q]);
-    }
+    int64_t j = 0;  // whole vectors where the batch starts on its first element
+    for (int q = 0; skip == 0 && j + 8 <= take; ++q, j += 8) op.put(done + j, z[q]);
     if (j < take) {  // the rest one value at a time
       for (int q = 0; q < 2 * kAvx2Sets; ++q) _mm256_store_ps(batch + 8 * q, z[q]);
-      for (; j < take; ++j) out[done + j] = kApply ? x[done + j] * batch[skip + j] : batch[skip + j];
+      for (; j < take; ++j) op.put(done + j, batch[skip + j]);
     }
     done += take;
   }
@@ -272,8 +324,8 @@ __attribute__((target("avx2"))) void multipliers_avx2(uint64_t seed, int64_t sta
 
 void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* out) {
 #if defined(__x86_64__)
-  if (has_avx512()) return multipliers_avx512<false>(seed, start, n, threshold, scale, nullptr, out);
-  if (has_avx2_fma()) return multipliers_avx2<false>(seed, start, n, threshold, scale, nullptr, out);
+  if (has_avx512()) return multipliers_avx512(seed, start, n, threshold, scale, FillOp{out});
+  if (has_avx2_fma()) return multipliers_avx2(seed, start, n, threshold, scale, FillOp{out});
 #endif
   multipliers_vectorised(seed, start, n, threshold, scale, out);
 }
@@ -281,10 +333,19 @@ void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t thres
 void dropout_scale(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* x,
                    float* out) {
 #if defined(__x86_64__)
-  if (has_avx512()) return multipliers_avx512<true>(seed, start, n, threshold, scale, x, out);
-  if (has_avx2_fma()) return multipliers_avx2<true>(seed, start, n, threshold, scale, x, out);
+  if (has_avx512()) return multipliers_avx512(seed, start, n, threshold, scale, ScaleOp{x, out});
+  if (has_avx2_fma()) return multipliers_avx2(seed, start, n, threshold, scale, ScaleOp{x, out});
 #endif
   scale_vectorised(seed, start, n, threshold, scale, x, out);
+}
+
+void dropout_softmax_grad(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* p,
+                          float* pz, float* dp, float d) {
+#if defined(__x86_64__)
+  if (has_avx512()) return multipliers_avx512(seed, start, n, threshold, scale, SoftmaxGradOp{p, pz, dp, d});
+  if (has_avx2_fma()) return multipliers_avx2(seed, start, n, threshold, scale, SoftmaxGradOp{p, pz, dp, d});
+#endif
+  softmax_grad_vectorised(seed, start, n, threshold, scale, p, pz, dp, d);
 }
 
 void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x) {

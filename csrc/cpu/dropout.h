@@ -17,6 +17,10 @@ void dropout_scale(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, 
                    float* out);
 // x[j] *= the multiplier of element start + j (the forward's p * z without a multiplier buffer).
 void dropout_apply(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, float* x);
+// pz[j] = p[j] m_j and dp[j] = p[j] (dp[j] m_j - d), m_j the multiplier of element start + j: the attention
+// backward's softmax gradient through dropout, the multipliers in registers.
+void dropout_softmax_grad(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, float scale, const float* p,
+                          float* pz, float* dp, float d);
 void dropout_keep_bytes(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, bool* out);
 
 // The multipliers for the acc type of a kernel.
