@@ -157,6 +157,12 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
 template <typename acc_t>
 void add_bias(acc_t* row, int64_t n, const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j0,
               bool causal);
+// sum over j < n of a[j] b[j] (float: eight partial sums, added pairwise at the end)
+float row_dot(const float* a, const float* b, int64_t n);
+double row_dot(const double* a, const double* b, int64_t n);
+// sum[j] += part[j] in float64, then part[j] = 0 (dK and dV over many query blocks: wide_kv)
+void flush_wide(float* part, double* sum, int64_t n);
+void flush_wide(double* part, double* sum, int64_t n);
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 // x = exp(x - m) (0 where x = -inf); returns the sum.

@@ -68,13 +68,6 @@ struct Grads {
   bool fold_batches = false, fold_heads = false;
 };
 
-// sum[j] += part[j] in float64, part[j] = 0 (dK and dV over many query blocks: wide_kv)
-template <typename acc_t>
-void flush_wide(acc_t* part, double* sum, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
-  std::fill(part, part + n, acc_t(0));
-}
-
 template <typename acc_t, typename in_t>
 const acc_t* dw_row(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g, int64_t b, int64_t h, int64_t i) {
   return g.dw_averaged ? g.dw + (b * p.L + i) * p.S : g.dw + ((b * p.H + h) * p.L + i) * p.S;
@@ -189,9 +182,13 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
           for (int64_t r = 0; r < rows; ++r) {
             const in_t* o = g.out + b * g.o_sb + h * g.o_sh + (i0 + r) * g.o_sl;
             const in_t* d = do_i + r * g.do_sl;
-            acc_t sum = 0;
-            for (int64_t e = 0; e < p.Ev; ++e) sum += static_cast<acc_t>(d[e]) * static_cast<acc_t>(o[e]);
-            delta[r] = sum;
+            if constexpr (std::is_same_v<in_t, acc_t>) {
+              delta[r] = row_dot(d, o, p.Ev);
+            } else {
+              acc_t sum = 0;
+              for (int64_t e = 0; e < p.Ev; ++e) sum += static_cast<acc_t>(d[e]) * static_cast<acc_t>(o[e]);
+              delta[r] = sum;
+            }
           }
           // Recomputes p (rows r0.. of `tile`) for the key block at j0; returns r0.
           auto probabilities = [&](int64_t j0, int64_t n, acc_t* tile) {

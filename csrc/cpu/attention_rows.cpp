@@ -13,6 +13,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -287,6 +288,40 @@ double exp_shift_sum(double* x, int64_t n, double m) {
     sum += e;
   }
   return sum;
+}
+
+namespace {
+
+FASTTF_BODY float row_dot_body(const float* a, const float* b, int64_t n) {
+  float part[8] = {};  // lane t sums the j = t mod 8 (the compiler keeps them in one vector)
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int t = 0; t < 8; ++t) part[t] += a[j + t] * b[j + t];
+  }
+  for (int t = 0; j < n; ++j, ++t) part[t] += a[j] * b[j];
+  return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+
+FASTTF_BODY void flush_wide_body(float* part, double* sum, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += static_cast<double>(part[j]);
+  std::memset(part, 0, n * sizeof(float));
+}
+
+}  // namespace
+
+FASTTF_PER_ISA(float, row_dot, (const float* a, const float* b, int64_t n), (a, b, n))
+
+double row_dot(const double* a, const double* b, int64_t n) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+FASTTF_PER_ISA(void, flush_wide, (float* part, double* sum, int64_t n), (part, sum, n))
+
+void flush_wide(double* part, double* sum, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
+  std::fill(part, part + n, 0.0);
 }
 
 namespace {
