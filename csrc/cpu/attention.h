@@ -162,7 +162,6 @@ float row_dot(const float* a, const float* b, int64_t n);
 double row_dot(const double* a, const double* b, int64_t n);
 // sum[j] += part[j] in float64, then part[j] = 0 (dK and dV over many query blocks: wide_kv)
 void flush_wide(float* part, double* sum, int64_t n);
-void flush_wide(double* part, double* sum, int64_t n);
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 // x = exp(x - m) (0 where x = -inf); returns the sum.

@@ -158,9 +158,11 @@ void backward_kernel(const Problem<acc_t, in_t>& p, const Grads<acc_t, in_t>& g)
         std::fill(dv_wide.get(), dv_wide.get() + p.S * p.Ev, 0.0);
       }
       int64_t blocks_in_float = 0;  // query blocks summed into dk, dv since the last flush (wide_kv)
-      auto flush = [&] {  // dk_wide += dk, dk = 0 (dv likewise)
-        flush_wide(dk, dk_wide.get(), p.S * p.E);
-        flush_wide(dv, dv_wide.get(), p.S * p.Ev);
+      auto flush = [&] {  // dk_wide += dk, dk = 0 (dv likewise); wide_kv is float32's alone
+        if constexpr (kFloat) {
+          flush_wide(dk, dk_wide.get(), p.S * p.E);
+          flush_wide(dv, dv_wide.get(), p.S * p.Ev);
+        }
         blocks_in_float = 0;
       };
       if constexpr (kFloat) {

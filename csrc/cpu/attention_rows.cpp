@@ -319,11 +319,6 @@ double row_dot(const double* a, const double* b, int64_t n) {
 
 FASTTF_PER_ISA(void, flush_wide, (float* part, double* sum, int64_t n), (part, sum, n))
 
-void flush_wide(double* part, double* sum, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
-  std::fill(part, part + n, 0.0);
-}
-
 namespace {
 
 template <typename T>
